@@ -65,7 +65,8 @@ class InputAware(Attack):
     the poisoned model's cache entry, so a cache hit restores them, and the backdoor test set
     (each input with its own generated trigger) is rebuilt from them once the poisoned model
     exists. `evaluate` adds the cross-trigger accuracy (inputs with another input's trigger
-    classified as their true label).
+    classified as their true label) and mask_area, the mean mask of the trained mask generator
+    on test inputs (about mask_density once its pre-training has converged).
 
     Parameters:
         cross_rate: p_cross, the share of each batch given a cross trigger.
@@ -209,6 +210,9 @@ class InputAware(Attack):
         other = other_rows(torch.arange(len(test)), len(test), ctx.generator("input-aware-cross"))
         cross_x = self.triggered(test.x, lambda xf: self.generate(xf, to_float(test.x[other])))
         self._cross = test.replace(x=cross_x)
+        with torch.no_grad():  # a diagnostic: the mask generator should cover ~mask_density
+            sample = to_float(test.x[:1000])
+            self._mask_area = float(TriggerNet.threshold(self._trained[1](sample)).mean())
         return self.backdoor_test(test)
 
     def evaluate(self, predict_fn: Callable[[Tensor], Tensor], ctx: RunContext) -> dict[str, float]:
@@ -216,7 +220,10 @@ class InputAware(Attack):
         their true label (the authors' third figure beside clean and attack accuracy)."""
         if self._cross is None:
             return {}
-        return {"cross_acc": accuracy(predict_fn(self._cross.x), self._cross.y)}
+        return {
+            "cross_acc": accuracy(predict_fn(self._cross.x), self._cross.y),
+            "mask_area": self._mask_area,
+        }
 
 
 class InputAwareHook(TrainingHook):
@@ -254,20 +261,29 @@ class InputAwareHook(TrainingHook):
             return x, y
         device = x.device
         out = x
+        if n_cross:
+            rows = cross_rows.to(device)
+            sources = x[other_rows(cross_rows, len(x), self._g).to(device)]
+            source_patterns = self.patterns(sources)
+            source_masks = TriggerNet.threshold(self.masks(sources))
+            targets = x[rows]
+            out = out.index_put((rows,), targets + (source_patterns - targets) * source_masks)
         if len(bd_rows):
-            inputs = x[bd_rows.to(device)]
+            rows = bd_rows.to(device)
+            inputs = x[rows]
             patterns = self.patterns(inputs)
             masks = TriggerNet.threshold(self.masks(inputs))
-            out = out.index_put((bd_rows.to(device),), inputs + (patterns - inputs) * masks)
-            others = x[other_rows(bd_rows, len(x), self._g).to(device)]
+            out = out.index_put((rows,), inputs + (patterns - inputs) * masks)
+            # diversity as the authors: backdoor inputs paired with the cross-trigger sources
+            pairs = min(len(rows), n_cross)
+            if pairs:
+                inputs, patterns = inputs[:pairs], patterns[:pairs]
+                others, other_patterns = sources[:pairs], source_patterns[:pairs]
+            else:
+                others = x[other_rows(bd_rows, len(x), self._g).to(device)]
+                other_patterns = self.patterns(others)
             self._diversity = self.attack.lambda_div * diversity_loss(
-                inputs, others, patterns, self.patterns(others)
-            )
-        if n_cross:
-            sources = x[other_rows(cross_rows, len(x), self._g).to(device)]
-            rows = cross_rows.to(device)
-            out = out.index_put(
-                (rows,), stamp_generated(x[rows], sources, self.patterns, self.masks)
+                inputs, others, patterns, other_patterns
             )
         return out, y
 

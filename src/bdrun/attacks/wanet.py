@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from bdrun.attacks.base import Attack
 from bdrun.attacks.triggers import identity_grid, warp
-from bdrun.data.base import DataInfo, ImageSet, to_float
+from bdrun.data.base import DataInfo, to_float
 from bdrun.errors import BdrunError
 from bdrun.metrics import accuracy
 from bdrun.rng import generator
 from bdrun.training import ClassifierModule, TrainingHook
+
+if TYPE_CHECKING:
+    from bdrun.context import RunContext
 
 
 def warping_field(k: int, height: int, width: int, g: torch.Generator) -> Tensor:
@@ -92,10 +98,10 @@ class WaNet(Attack):
     def training_hooks(self) -> list[TrainingHook]:
         return [WarpNoiseHook(self)] if self.cross_ratio > 0 else []
 
-    def evaluate(self, predict_fn, ctx) -> dict[str, float]:
+    def evaluate(self, predict_fn: Callable[[Tensor], Tensor], ctx: RunContext) -> dict[str, float]:
         """Noise-mode accuracy: share of test inputs warped with a noisy grid that keep their
         true label (the authors' "cross" accuracy; high means the backdoor is warp-specific)."""
-        test: ImageSet = ctx.test
+        test = ctx.test
         grids = self.noisy_grids(len(test), ctx.generator("wanet-noise-test"))
         noisy = self.triggered(test.x, lambda xf: warp(xf, grids))
         return {"noise_acc": accuracy(predict_fn(noisy), test.y)}

@@ -1,0 +1,83 @@
+"""Anti-Backdoor Learning: its losses by hand, a digits run with caching, (slow) Fashion-MNIST."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bdrun.defenses.abl import AntiBackdoorLearning, GradientAscent, IsolationLoss
+from bdrun.errors import BdrunError
+from bdrun.runner import run
+
+from conftest import compose_config
+
+
+def test_isolation_losses_by_hand():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 3.0]])
+    y = torch.tensor([0, 1])
+    ce = F.cross_entropy(logits, y)  # about 0.09: below gamma
+    assert float(ce) < 0.5
+    lga = IsolationLoss("lga", gamma=0.5, flooding=0.5).loss(logits, y, y, None)
+    assert torch.isclose(lga, -ce)  # gradient ascent once the loss is under gamma
+    flood = IsolationLoss("flooding", gamma=0.5, flooding=0.5).loss(logits, y, y, None)
+    assert torch.isclose(flood, 1.0 - ce)  # |l - b| + b
+    high = torch.tensor([[0.0, 2.0], [3.0, 0.0]])  # wrong labels: loss above gamma
+    assert torch.isclose(
+        IsolationLoss("lga", 0.5, 0.5).loss(high, y, y, None), F.cross_entropy(high, y)
+    )
+    assert torch.isclose(GradientAscent().loss(logits, y, y, None), -ce)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"isolation_ratio": 0},
+        {"isolation_ratio": 1},
+        {"loss": "mse"},
+        {"unlearning_lr": 0},
+        {"isolation_epochs": -1},
+    ],
+)
+def test_bad_settings_are_user_errors(kwargs):
+    with pytest.raises(BdrunError):
+        AntiBackdoorLearning(**kwargs)
+
+
+def test_abl_on_digits_isolates_one_percent_and_caches_every_stage(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="bdrun")
+    cfg = compose_config("defense=abl", "logger=none", "train.epochs=6")
+    first = run(cfg, tmp_path / "first")
+    d = first["metrics"]["detection"]
+    assert d["removed"] == round(0.01 * first["poison"]["train_size"])
+    print(f"ABL digits isolation: {d}")
+    assert d["precision"] >= 0.5  # digits are easy: clean samples also reach tiny losses
+    stages = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ABL")]
+    assert sum("cache miss" in m for m in stages) == 3  # isolation, training on, unlearning
+
+    caplog.clear()
+    second = run(cfg, tmp_path / "second")
+    stages = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ABL")]
+    assert sum("cache hit" in m for m in stages) == 3
+    assert second["metrics"]["after"] == first["metrics"]["after"]
+    assert json.loads((tmp_path / "second" / "results.json").read_text())["defense"] == "abl"
+
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FMNIST.is_dir(), reason="apt-get install dataset-fashion-mnist")
+@pytest.mark.parametrize("attack", ["badnets", "sig"])
+def test_abl_fashion_mnist(attack, tmp_path):
+    cfg = compose_config("dataset=fashion_mnist", f"attack={attack}", "defense=abl", "logger=none")
+    results = run(cfg, tmp_path)
+    d, before, after = (results["metrics"][k] for k in ("detection", "before", "after"))
+    print(f"ABL FMNIST {attack}: isolation {d}; before {before}; after {after}")
+    assert d["precision"] >= 0.9
+    assert after["asr"] <= 0.10
+    assert before["cca"] - after["cca"] <= 0.05
