@@ -47,4 +47,5 @@ bench: $(STAMP) ## Speed benchmarks (print their figures)
 	$(BIN)/python benchmarks/default_run.py
 
 clean: ## Remove the virtual environment, build files and run outputs
-	rm -rf $(VENV) build dist src/*.egg-info outputs .pytest_cache .ruff_cache
+	rm -rf $(VENV) build dist src/*.egg-info multirun .pytest_cache .ruff_cache
+	find outputs -mindepth 1 -not -name README.md -delete 2>/dev/null || true

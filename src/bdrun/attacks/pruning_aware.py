@@ -9,8 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from bdrun.attacks.badnets import BadNets
-from bdrun.data.base import DataInfo, ImageSet, to_float
-from bdrun.defenses.activations import get_module
+from bdrun.data.base import DataInfo, ImageSet
+from bdrun.defenses.activations import get_module, run_with_hook
 from bdrun.errors import BdrunError
 
 if TYPE_CHECKING:
@@ -34,13 +34,9 @@ def channel_stats(
         totals["max"] = torch.maximum(totals["max"], peaks) if "max" in totals else peaks
         positions += per_channel.shape[1]
 
-    handle = get_module(model, layer).register_forward_hook(reduce)
-    model.eval().to(device)
     try:
-        for start in range(0, len(x), batch_size):
-            model(to_float(x[start : start + batch_size].to(device)))
+        run_with_hook(model, layer, reduce, x, batch_size, device)
     finally:
-        handle.remove()
         model.cpu()
     return totals["sum"] / max(positions, 1), totals["max"]
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -19,6 +21,25 @@ def get_module(model: nn.Module, name: str) -> nn.Module:
 
 
 @torch.no_grad()
+def run_with_hook(
+    model: nn.Module,
+    layer: str,
+    hook: Callable[[nn.Module, object, Tensor], None],
+    x: Tensor,
+    batch_size: int = 1024,
+    device: str | torch.device = "cpu",
+) -> None:
+    """Run `model` in eval mode over x (any storage dtype) batch by batch with a forward hook
+    on module `layer`, which sees every batch's output of that layer."""
+    handle = get_module(model, layer).register_forward_hook(hook)
+    model.eval().to(device)
+    try:
+        for start in range(0, len(x), batch_size):
+            model(to_float(x[start : start + batch_size].to(device)))
+    finally:
+        handle.remove()
+
+
 def layer_outputs(
     model: nn.Module,
     layer: str,
@@ -27,17 +48,12 @@ def layer_outputs(
     device: str | torch.device = "cpu",
 ) -> Tensor:
     """Output of module `layer` for every image of x (any storage dtype), on the CPU."""
-    module = get_module(model, layer)
     captured: list[Tensor] = []
-    handle = module.register_forward_hook(
-        lambda _m, _i, out: captured.append(out.detach().float().cpu())
-    )
-    model.eval().to(device)
-    try:
-        for start in range(0, len(x), batch_size):
-            model(to_float(x[start : start + batch_size].to(device)))
-    finally:
-        handle.remove()
+
+    def keep(_module: nn.Module, _inputs: object, out: Tensor) -> None:
+        captured.append(out.detach().float().cpu())
+
+    run_with_hook(model, layer, keep, x, batch_size, device)
     return torch.cat(captured) if captured else torch.empty(0)
 
 
