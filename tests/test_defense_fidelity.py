@@ -57,11 +57,16 @@ def test_pruning_curve_on_fashion_mnist_badnets(tmp_path):
 
 
 def test_fine_pruning_removes_badnets_and_keeps_clean_accuracy(tmp_path):
-    """One-shot fine-pruning at 90 % of conv2's channels (58 of 64) plus the default fine-tuning
-    (10 epochs at lr 0.01 on the holdout). The paper's 4 % accuracy-drop stop prunes only 44
-    channels here and leaves ASR ~98 % after fine-tuning (see the pruning-curve test)."""
+    """One-shot fine-pruning at 90 % of conv2's channels (58 of 64), then 10 epochs of
+    fine-tuning on the holdout at the training learning rate (0.05). The paper's 4 % accuracy-drop
+    stop prunes only 46 channels here (ASR 96.6 % before fine-tuning); with the default
+    fine-tuning lr 0.01 the 90 % prune still ends at ASR 44 % (measured 2026-11-22)."""
     results = fashion_mnist(
-        tmp_path, "attack=badnets", "defense=fine_pruning", "defense.prune_ratio=0.9"
+        tmp_path,
+        "attack=badnets",
+        "defense=fine_pruning",
+        "defense.prune_ratio=0.9",
+        "defense.lr=0.05",
     )
     before, after = results["metrics"]["before"], results["metrics"]["after"]
     print(f"before {before}\nafter {after}\n{results['metrics']['detection']}")

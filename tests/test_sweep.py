@@ -203,3 +203,32 @@ def test_an_unknown_launcher_is_one_line(tmp_path):
         "slurm, submitit_local, submitit_slurm"
     )
     assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_whole_sweep_and_summarises_what_finished(tmp_path):
+    cache = tmp_path / "cache"
+    env = {**os.environ, "BDRUN_CACHE": str(cache)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bdrun.cli", "-m", "seed=0,1", "train.epochs=400", "logger=none"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    checkpoints = cache / "models" / ".checkpoints"
+    deadline = time.monotonic() + 300
+    while not list(checkpoints.glob("*/last.ckpt")) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # to the driver: the basic launcher runs jobs in-process
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err
+    assert "bdrun: error: sweep stopped by SIGTERM" in err
+    assert "#0 : seed=0" in out and "#1 : " not in out  # the second job never started
+    folder = sweep_dir(tmp_path)
+    assert (folder / "summary.md").is_file() and json.loads(
+        (folder / "0" / "error.json").read_text()
+    )

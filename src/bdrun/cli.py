@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
 import bdrun.conf
-from bdrun.errors import BdrunError
+from bdrun.errors import BdrunError, TrainingInterrupted
 
 CONF_DIR = str(Path(bdrun.conf.__file__).resolve().parent)
 USER_GROUPS = ("dataset", "model", "attack", "defense", "trainer", "logger", "debug", "experiment")
@@ -171,7 +171,10 @@ def _task(cfg: DictConfig) -> float | None:
             ) from None
     except BdrunError as err:
         if multirun:
-            return _job_failed(run_dir, err)
+            _job_failed(run_dir, err)
+            if isinstance(err, TrainingInterrupted):
+                _stop_sweep()
+            return None
         _discard(run_dir)
         print(f"bdrun: error: {err}", file=sys.stderr)
         sys.exit(2)
@@ -195,6 +198,24 @@ def _job_failed(run_dir: Path, err: Exception) -> None:
     message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     print(f"bdrun: job {hydra_cfg.job.num} failed: {message}", file=sys.stderr)
     return None
+
+
+def _stop_sweep() -> None:
+    """SIGTERM stopped a job's training: the sweep stops too, rather than starting its next job.
+
+    In the driver (the basic launcher runs jobs in-process) the finished jobs are summarised
+    first; in a worker process (joblib, Slurm) the exit fails that job and the driver reports it.
+    """
+    from bdrun.report import sweep
+
+    if sweep.STATE.sweep_dir is not None and sweep.STATE.summary is None:
+        sweep.finish_sweep()
+    print(
+        "bdrun: error: sweep stopped by SIGTERM; run the same command again: finished jobs reuse "
+        "their cached models and the interrupted training resumes from its checkpoint",
+        file=sys.stderr,
+    )
+    sys.exit(143)
 
 
 def _is_multirun(args: list[str]) -> bool:

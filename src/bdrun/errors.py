@@ -7,3 +7,7 @@ keeps its traceback.
 
 class BdrunError(Exception):
     """A user-caused error: the message names the bad value and how to fix it."""
+
+
+class TrainingInterrupted(BdrunError):
+    """A training stopped by SIGTERM (Slurm pre-emption, time limit, `kill`)."""

@@ -9,8 +9,10 @@ All three are fractions in [0, 1].
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -18,16 +20,32 @@ from torch import Tensor, nn
 from bdrun.data.base import ImageSet, to_float
 
 
+@contextmanager
+def on_device(model: nn.Module, device: str | torch.device) -> Iterator[nn.Module]:
+    """`model` moved to `device` for the duration, then back to where its parameters were
+    (a cached or freshly trained model lives on the CPU; scoring runs where the trainer does)."""
+    first = next(itertools.chain(model.parameters(), model.buffers()), None)
+    home = None if first is None else first.device
+    model.to(device)
+    try:
+        yield model
+    finally:
+        if home is not None:
+            model.to(home)
+
+
 @torch.no_grad()
 def logits_of(
     model: nn.Module, x: Tensor, batch_size: int = 1024, device: str | torch.device = "cpu"
 ) -> Tensor:
-    """Model outputs for every image of x (any storage dtype), batched, returned on the CPU."""
+    """Model outputs for every image of x (any storage dtype), batched, computed on `device`
+    and returned on the CPU."""
     model.eval()
     outs = []
-    for start in range(0, len(x), batch_size):
-        batch = to_float(x[start : start + batch_size].to(device, non_blocking=True))
-        outs.append(model(batch).float().cpu())
+    with on_device(model, device):
+        for start in range(0, len(x), batch_size):
+            batch = to_float(x[start : start + batch_size].to(device, non_blocking=True))
+            outs.append(model(batch).float().cpu())
     if not outs:
         return torch.empty(0, 0)
     return torch.cat(outs)

@@ -21,7 +21,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from bdrun.data.base import ImageSet, to_float
 from bdrun.data.loader import InMemoryLoader
-from bdrun.errors import BdrunError
+from bdrun.errors import BdrunError, TrainingInterrupted
 from bdrun.progress import enabled as progress_enabled
 from bdrun.rng import seeded_global
 
@@ -84,6 +84,9 @@ class TrainSettings:
         return settings
 
 
+DATA_ON_DEVICE_AUTO_BYTES = 4 << 30  # CIFAR-10 as uint8 is 150 MB, GTSRB 120 MB
+
+
 @dataclass
 class HardwareSettings:
     """Where and how Lightning runs (the `trainer` config node)."""
@@ -94,8 +97,12 @@ class HardwareSettings:
     precision: str = "32-true"
     channels_last: bool = False
     deterministic: bool = True
+    benchmark: bool | None = None  # cuDNN autotuning (trainer=gpu: on); None = torch's setting
     num_threads: int | None = None
     progress: Any = "auto"  # true, false, or auto (on for a terminal, off under CI=true)
+    # keep the training images on the GPU (true, false, or auto: when they take at most
+    # DATA_ON_DEVICE_AUTO_BYTES); no effect on the CPU
+    data_on_device: Any = "auto"
 
     @classmethod
     def from_config(cls, node: Any) -> HardwareSettings:
@@ -115,6 +122,12 @@ class HardwareSettings:
 
     def show_progress(self) -> bool:
         return progress_enabled(self.progress)
+
+    def keeps_data_on_device(self, data: ImageSet) -> bool:
+        """Whether a GPU training should hold `data` in GPU memory (see data_on_device)."""
+        if str(self.data_on_device).lower() == "auto":
+            return data.x.nbytes + data.y.nbytes <= DATA_ON_DEVICE_AUTO_BYTES
+        return bool(self.data_on_device)
 
 
 class TrainingHook:
@@ -168,15 +181,20 @@ class ClassifierModule(pl.LightningModule):
         seed: int,
         hooks: list[TrainingHook] | tuple[TrainingHook, ...] = (),
         channels_last: bool = False,
+        data_on_device: bool = False,
     ) -> None:
         super().__init__()
         self.model = model
+        self.data_on_device = data_on_device
         self.data = data
         self.settings = settings
         self.seed = seed
         self.hooks = list(hooks)
         self.channels_last = channels_last
-        self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        # validate_args=False: its checks read GPU values back (a sync per step)
+        self.train_acc = MulticlassAccuracy(
+            num_classes=num_classes, average="micro", validate_args=False
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
@@ -192,6 +210,7 @@ class ClassifierModule(pl.LightningModule):
             seed=self.seed,
             rank=trainer.global_rank,
             world_size=trainer.world_size,
+            device=self.device if self.data_on_device and self.device.type == "cuda" else None,
         )
         return self._loader
 
@@ -334,6 +353,7 @@ def fit(
             seed,
             hooks=hooks,
             channels_last=hardware.channels_last,
+            data_on_device=hardware.keeps_data_on_device(data),
         )
         if hardware.channels_last:
             module.model.to(memory_format=torch.channels_last)
@@ -360,6 +380,7 @@ def fit(
             precision=hardware.precision,
             max_epochs=settings.epochs,
             deterministic=hardware.deterministic,
+            benchmark=hardware.benchmark,
             logger=logger,
             enable_checkpointing=resume,
             callbacks=callbacks,
@@ -383,10 +404,6 @@ def fit(
                 ) from None
     trained = module.model.to("cpu", memory_format=torch.contiguous_format).eval()
     return trained
-
-
-class TrainingInterrupted(BdrunError):
-    """A training stopped by SIGTERM (Slurm pre-emption, time limit, `kill`)."""
 
 
 CHECKPOINT_FILE = "last.ckpt"

@@ -18,6 +18,10 @@ class InMemoryLoader:
     smaller); the training module converts on the device. With `world_size` > 1 every rank
     takes a disjoint strided share of the same per-epoch permutation, padded like
     DistributedSampler so all ranks run the same number of steps.
+
+    With a `device`, images and labels are copied there once and every batch is gathered on
+    it (no per-step host-to-device copy; on a GPU the data set then costs its size in GPU
+    memory). Positions come back on the same device.
     """
 
     def __init__(
@@ -29,10 +33,15 @@ class InMemoryLoader:
         drop_last: bool = False,
         rank: int = 0,
         world_size: int = 1,
+        device: torch.device | str | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.data = data
+        self.device = None if device is None else torch.device(device)
+        self._x, self._y = data.x, data.y
+        if self.device is not None:
+            self._x, self._y = data.x.to(self.device), data.y.to(self.device)
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
@@ -61,8 +70,10 @@ class InMemoryLoader:
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         order = self._order()
+        if self.device is not None:
+            order = order.to(self.device)
         self.epoch += 1  # each pass is one epoch; the next pass draws a fresh permutation
         stop = len(self) * self.batch_size
         for start in range(0, min(stop, len(order)), self.batch_size):
             idx = order[start : start + self.batch_size]
-            yield self.data.x[idx], self.data.y[idx], idx
+            yield self._x[idx], self._y[idx], idx

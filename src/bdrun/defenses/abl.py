@@ -103,6 +103,22 @@ class GradientAscent(TrainingHook):
         return -F.cross_entropy(logits, y)
 
 
+class MarginUnlearning(TrainingHook):
+    """Unlearning by the logit margin: mean of max(0, z_y - max_{j != y} z_j), which keeps a
+    gradient where the cross-entropy is saturated (a sample whose softmax is exactly 1 in float32
+    gives minus the cross-entropy a zero gradient) and stops once a sample is misclassified."""
+
+    resumable = True
+
+    def loss(self, logits: Tensor, y: Tensor, pos: Tensor, module: ClassifierModule) -> Tensor:
+        given = logits.gather(1, y[:, None]).squeeze(1)
+        best_other = logits.scatter(1, y[:, None], float("-inf")).amax(1)
+        return (given - best_other).clamp(min=0).mean()
+
+
+UNLEARNING_LOSSES = {"ascent": GradientAscent, "margin": MarginUnlearning}
+
+
 def per_sample_loss(model: nn.Module, data: ImageSet, ctx: RunContext) -> Tensor:
     """Cross-entropy of every training sample under `model` (batched, no augmentation)."""
     logits = logits_of(model.to(ctx.device), data.x, ctx.settings.eval_batch_size, ctx.device)
@@ -131,6 +147,13 @@ class AntiBackdoorLearning(Defense):
     3. unlearning: gradient ascent on the isolated samples for `unlearning_epochs` (5) with SGD
        at `unlearning_lr` 5e-4, momentum 0.9, weight decay 1e-4, batch 64 (their
        `lr_unlearning_init`, `momentum`, `weight_decay`, `batch_size`).
+       `unlearning_loss` "ascent" is their minus cross-entropy; "margin" (ours) minimises the
+       clamped logit margin instead. Why: without data augmentation a small CNN drives the
+       backdoor samples' softmax to exactly 1 in float32, where minus the cross-entropy has a
+       zero gradient. On Fashion-MNIST BadNets 10 % (small CNN, 6 epochs) the isolated 570
+       samples (all poisoned) had cross-entropy 0.0 and 5 epochs of ascent at lr 5e-4, 5e-3 or
+       5e-2 left ASR at 99.8 %; "margin" at lr 5e-4 for one epoch gave ASR 0.5 % with CCA
+       86.9 % (92.3 % before unlearning).
     The optimiser, batch size and learning rate of stages 1-2 are the run's `train` settings.
     Every stage goes through the model cache (`ctx.train_cached`; the loss record is stored
     with the isolation model), so a second run with the same data and settings trains nothing.
@@ -152,12 +175,18 @@ class AntiBackdoorLearning(Defense):
         unlearning_momentum: float = 0.9,
         unlearning_weight_decay: float = 1e-4,
         isolation_score: str = "late_max",
+        unlearning_loss: str = "ascent",
     ) -> None:
         if not 0 < float(isolation_ratio) < 1:
             raise BdrunError(f"defense.isolation_ratio={isolation_ratio} must be in (0, 1)")
         if isolation_score not in SCORES:
             raise BdrunError(
                 f"defense.isolation_score={isolation_score!r} must be one of {', '.join(SCORES)}"
+            )
+        if unlearning_loss not in UNLEARNING_LOSSES:
+            raise BdrunError(
+                f"defense.unlearning_loss={unlearning_loss!r} must be one of "
+                + ", ".join(UNLEARNING_LOSSES)
             )
         if loss not in LOSSES:
             raise BdrunError(f"defense.loss={loss!r} must be one of {', '.join(LOSSES)}")
@@ -175,6 +204,7 @@ class AntiBackdoorLearning(Defense):
             )
         self.isolation_ratio = float(isolation_ratio)
         self.isolation_score = isolation_score
+        self.unlearning_loss = unlearning_loss
         self.loss = loss
         self.gamma = float(gamma)
         self.flooding = float(flooding)
@@ -245,10 +275,10 @@ class AntiBackdoorLearning(Defense):
         )
         model, status = ctx.train_cached(
             data.subset(isolated),
-            hooks=[GradientAscent()],
+            hooks=[UNLEARNING_LOSSES[self.unlearning_loss]()],
             settings=unlearning,
             model=model,
-            extra_key={"abl": "gradient ascent"},
+            extra_key={"abl": "gradient ascent", "loss": self.unlearning_loss},
             stream="abl-unlearning",
         )
         log.info("ABL model unlearned: cache %s", status)
