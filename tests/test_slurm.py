@@ -86,14 +86,14 @@ def test_a_sweep_runs_as_slurm_jobs_and_writes_its_summary(tmp_path):
 
 
 def test_a_failing_and_a_cancelled_job_end_the_sweep_in_a_clear_error(tmp_path):
-    # jobs: 0 (1 epoch) ok, 1 and 3 fail on the poison rate, 2 (400 epochs) is cancelled
+    # jobs: 0 (1 epoch) ok, 1 and 3 fail on the poison rate, 2 (5000 epochs, minutes) is cancelled
     proc = start_sweep(
         tmp_path,
         tmp_path / "cache",
         "dataset=fake",
         "debug=smoke",
         "logger=none",
-        "train.epochs=1,400",
+        "train.epochs=1,5000",
         "attack.poison_rate=0.1,2.0",
     )
     deadline = time.monotonic() + 600
