@@ -9,7 +9,10 @@ from bdrun.data.base import ImageSet
 from bdrun.data.fake import FakeImages
 from bdrun.errors import BdrunError
 from bdrun.models.small_cnn import SmallCNN
+from bdrun.runner import run
 from bdrun.training import HardwareSettings, TrainingHook, TrainSettings, fit
+
+from conftest import compose_config
 
 SETTINGS = TrainSettings(epochs=2, batch_size=32, lr=0.05)
 
@@ -96,3 +99,10 @@ def test_mixed_precision_and_channels_last_path_trains_on_cpu():
         assert next(trained.parameters()).is_contiguous()  # handed back in the default layout
         scores[name] = accuracy(predict(trained, source.test.x), source.test.y)
     assert scores["fp32"] > 0.9 and scores["amp"] > scores["fp32"] - 0.05, scores
+
+
+def test_a_run_with_num_threads_leaves_the_process_thread_count_as_it_was(tmp_path):
+    before = torch.get_num_threads()
+    wanted = 1 if before != 1 else 2
+    run(compose_config("logger=none", "train.epochs=1", f"trainer.num_threads={wanted}"), tmp_path)
+    assert torch.get_num_threads() == before

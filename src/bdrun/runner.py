@@ -33,7 +33,7 @@ from bdrun.loggers import make_logger
 from bdrun.models.base import check_fits
 from bdrun.results import RESULTS_FILE, version_string, write_json_atomic
 from bdrun.rng import generator, seeded_global
-from bdrun.training import HardwareSettings, TrainSettings
+from bdrun.training import HardwareSettings, TrainSettings, torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +81,8 @@ def prepare(cfg: DictConfig, run_dir: Path) -> Prepared:
     settings = TrainSettings.from_config(OmegaConf.to_container(cfg.train, resolve=True))
     hardware = HardwareSettings.from_config(OmegaConf.to_container(cfg.trainer, resolve=True))
     hardware.device()  # fail early when trainer=gpu has no GPU
-    if hardware.num_threads:  # before any attack or defense computes (PGD, surrogates, ...)
-        torch.set_num_threads(hardware.num_threads)
+    if hardware.num_threads:  # before any attack or defense computes (PGD, surrogates, ...);
+        torch.set_num_threads(hardware.num_threads)  # run() restores the count afterwards
 
     splits = load_splits(cfg.dataset, seed)
     info = splits.info
@@ -155,6 +155,11 @@ def prepare(cfg: DictConfig, run_dir: Path) -> Prepared:
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Run one experiment and write results.json into run_dir; return the results."""
+    with torch_threads(None):  # trainer.num_threads holds for this run only
+        return _run(cfg, run_dir)
+
+
+def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     started = time.perf_counter()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

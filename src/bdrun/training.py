@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -315,6 +317,20 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*`srun` command is available.*")
 
 
+@contextmanager
+def torch_threads(count: int | None) -> Iterator[None]:
+    """torch's thread count set to `count` (None or 0: unchanged) for the duration, so a run
+    with trainer.num_threads leaves the runs after it in the same process (sweep jobs of the
+    basic launcher, tests) as it found them; CPU results depend on the thread count."""
+    before = torch.get_num_threads()
+    if count:
+        torch.set_num_threads(int(count))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def fit(
     model: nn.Module,
     data: ImageSet,
@@ -338,13 +354,11 @@ def fit(
     TrainingInterrupted.
     """
     quiet_lightning()
-    if hardware.num_threads:
-        torch.set_num_threads(hardware.num_threads)
     if len(data) == 0:
         raise BdrunError("the training set is empty")
     # Lightning keeps the mode it is given; a cached model comes back in eval mode
     model.train()
-    with seeded_global(seed, stream):
+    with seeded_global(seed, stream), torch_threads(hardware.num_threads):
         module = ClassifierModule(
             model,
             data,
