@@ -36,6 +36,27 @@ def cache_entries(cache: Path) -> list[Path]:
     )
 
 
+def sweep_until_a_checkpoint(
+    args: tuple[str, ...], cwd: Path, env: dict[str, str]
+) -> tuple[subprocess.Popen, Path]:
+    """Start `bdrun args` and return once a training has written its first epoch checkpoint
+    (the process and the checkpoint folder)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bdrun.cli", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    checkpoints = Path(env["BDRUN_CACHE"]) / "models" / ".checkpoints"
+    deadline = time.monotonic() + 300
+    while not list(checkpoints.glob("*/last.ckpt")) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    return proc, checkpoints
+
+
 def test_a_sweep_with_failing_jobs_writes_its_summary_and_ends_in_one_clear_error(tmp_path):
     cache = tmp_path / "cache"
     result = run_bdrun(
@@ -158,19 +179,7 @@ def test_a_killed_sweep_job_leaves_no_broken_entry_and_the_rerun_resumes(tmp_pat
         "logger=none",
     )
     env = {**os.environ, "BDRUN_CACHE": str(cache), "BDRUN_LOCAL_JOBS": "2"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bdrun.cli", *args],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    checkpoints = cache / "models" / ".checkpoints"
-    deadline = time.monotonic() + 300
-    while not list(checkpoints.glob("*/last.ckpt")) and time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.05)
+    proc, checkpoints = sweep_until_a_checkpoint(args, tmp_path, env)
     [lock] = (cache / "models").glob(".*.lock")
     holder = lock_holder(lock)
     assert holder is not None and holder != proc.pid  # a worker process trains
@@ -209,19 +218,8 @@ def test_an_unknown_launcher_is_one_line(tmp_path):
 def test_sigterm_stops_the_whole_sweep_and_summarises_what_finished(tmp_path):
     cache = tmp_path / "cache"
     env = {**os.environ, "BDRUN_CACHE": str(cache)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bdrun.cli", "-m", "seed=0,1", "train.epochs=400", "logger=none"],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    checkpoints = cache / "models" / ".checkpoints"
-    deadline = time.monotonic() + 300
-    while not list(checkpoints.glob("*/last.ckpt")) and time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.05)
+    args = ("-m", "seed=0,1", "train.epochs=400", "logger=none")
+    proc, _ = sweep_until_a_checkpoint(args, tmp_path, env)
     proc.send_signal(signal.SIGTERM)  # to the driver: the basic launcher runs jobs in-process
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
