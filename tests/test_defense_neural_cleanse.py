@@ -114,3 +114,13 @@ def test_label_batched_reversal_finds_the_small_planted_trigger():
 def test_bad_settings_are_user_errors(settings, message):
     with pytest.raises(BdrunError, match=message.replace("(", r"\(")):
         NeuralCleanse(**settings)
+
+
+def test_labels_per_pass_defaults_by_device_and_bad_values_are_user_errors():
+    auto = ReversalSettings()
+    assert auto.labels_per_pass(torch.device("cpu")) == 1
+    assert auto.labels_per_pass(torch.device("cuda")) == 16
+    assert ReversalSettings(label_batch=4).labels_per_pass(torch.device("cpu")) == 4
+    for bad in (0, -2, "two"):
+        with pytest.raises(BdrunError):
+            ReversalSettings(label_batch=bad).check()

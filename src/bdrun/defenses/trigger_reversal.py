@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from bdrun.data.base import to_float
 from bdrun.errors import BdrunError
+from bdrun.training import coerce
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,13 @@ class ReversalSettings:
     early_stop_threshold: float = 1.0
     early_stop_patience: int = 25
     epsilon: float = 1e-7  # keeps tanh space finite (Keras' K.epsilon() in the authors' code)
-    label_batch: int = 16  # labels optimised together; memory grows with label_batch x batch_size
+    # labels optimised together (memory grows with label_batch x batch_size); None: one at a
+    # time on the CPU, 16 on a GPU. On 2 CPU threads 16 was 2x slower per label than 1 for the
+    # 1,283-class DeepID (benchmarks/deepid_bench.py); batching pays where kernels are small.
+    label_batch: int | None = None
+
+    def labels_per_pass(self, device: torch.device) -> int:
+        return self.label_batch or (16 if device.type == "cuda" else 1)
 
     def check(self) -> None:
         positive = {
@@ -62,8 +69,9 @@ class ReversalSettings:
             "samples_per_step": self.samples_per_step,
             "batch_size": self.batch_size,
             "patience": self.patience,
-            "label_batch": self.label_batch,
         }
+        if self.label_batch is not None:
+            positive["label_batch"] = coerce(self.label_batch, "int", "defense.label_batch")
         for name, value in positive.items():
             if value <= 0:
                 raise BdrunError(f"defense.{name}={value} must be > 0")
@@ -273,7 +281,8 @@ def reverse_triggers(
     device: torch.device | str = "cpu",
 ) -> ReversedTriggers:
     """Reverse-engineer a trigger for every label in `labels` from clean images x (any dtype),
-    `settings.label_batch` labels at a time. The model is left unchanged and on `device`."""
+    `settings.labels_per_pass(device)` labels at a time. The model is left unchanged and on
+    `device`."""
     settings.check()
     if len(x) == 0:
         raise BdrunError("the clean holdout set is empty; Neural Cleanse needs clean images")
@@ -285,8 +294,9 @@ def reverse_triggers(
         p.requires_grad_(False)
     results = []
     try:
-        for start in range(0, len(labels), settings.label_batch):
-            chunk = labels[start : start + settings.label_batch]
+        per_pass = settings.labels_per_pass(device)
+        for start in range(0, len(labels), per_pass):
+            chunk = labels[start : start + per_pass]
             results.append(_reverse_labels(model, x, chunk, settings, g, device))
     finally:
         for p in trainable:
