@@ -79,10 +79,11 @@ class NeuralCleanse(Defense):
 
     Wang et al., "Neural Cleanse: Identifying and Mitigating Backdoor Attacks in Neural Networks"
     (IEEE S&P 2019). Reverse-engineering: see bdrun.defenses.trigger_reversal (authors' defaults,
-    labels optimised `label_batch` at a time on the clean holdout). Detection: L1 norm of each
-    mask, anomaly index by MAD (constant 1.4826), flag index > `anomaly_threshold` (2) on the
-    small side; the model is flagged when any label is. Mitigations (Sec. VI), using only the
-    reversed triggers of the flagged labels, never the real one:
+    labels optimised `label_batch` at a time on the clean holdout: 1 on CPU, 16 on GPU unless
+    set). Detection: L1 norm of each mask, anomaly index by MAD (constant 1.4826), flag index >
+    `anomaly_threshold` (2) on the small side; the model is flagged when any label is.
+    Mitigations (Sec. VI), using only the reversed triggers of the flagged labels, never the
+    real one:
 
     - unlearning: stamp a reversed trigger on `unlearn_fraction` (20 %, the paper) of the clean
       holdout, keep the true labels, and fine-tune `epochs` (1, the paper) with `lr`;
