@@ -10,35 +10,11 @@ from torch import Tensor, nn
 
 from bdrun.attacks.badnets import BadNets
 from bdrun.data.base import DataInfo, ImageSet
-from bdrun.defenses.activations import get_module, run_with_hook
+from bdrun.defenses.activations import channel_stats, get_module
 from bdrun.errors import BdrunError
 
 if TYPE_CHECKING:
     from bdrun.context import RunContext
-
-
-@torch.no_grad()
-def channel_stats(
-    model: nn.Module, layer: str, x: Tensor, batch_size: int, device: torch.device
-) -> tuple[Tensor, Tensor]:
-    """(mean, max) of every output channel of `layer` over all images and positions, reduced
-    batch by batch so that no [N, C, H, W] activation tensor is ever held."""
-    totals: dict[str, Tensor] = {}
-    positions = 0
-
-    def reduce(_module: nn.Module, _inputs: object, out: Tensor) -> None:
-        nonlocal positions
-        per_channel = out.detach().float().transpose(0, 1).flatten(1)  # [C, N * H * W]
-        sums, peaks = per_channel.sum(1).cpu(), per_channel.amax(1).cpu()
-        totals["sum"] = totals["sum"] + sums if "sum" in totals else sums
-        totals["max"] = torch.maximum(totals["max"], peaks) if "max" in totals else peaks
-        positions += per_channel.shape[1]
-
-    try:
-        run_with_hook(model, layer, reduce, x, batch_size, device)
-    finally:
-        model.cpu()
-    return totals["sum"] / max(positions, 1), totals["max"]
 
 
 def mask_channels(model: nn.Module, layer: str, keep: Tensor) -> torch.utils.hooks.RemovableHandle:

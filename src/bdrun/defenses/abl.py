@@ -121,8 +121,7 @@ UNLEARNING_LOSSES = {"ascent": GradientAscent, "margin": MarginUnlearning}
 
 def per_sample_loss(model: nn.Module, data: ImageSet, ctx: RunContext) -> Tensor:
     """Cross-entropy of every training sample under `model` (batched, no augmentation)."""
-    logits = logits_of(model.to(ctx.device), data.x, ctx.settings.eval_batch_size, ctx.device)
-    model.to("cpu")
+    logits = logits_of(model, data.x, ctx.settings.eval_batch_size, ctx.device)
     return F.cross_entropy(logits, data.y, reduction="none")
 
 

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from bdrun.data.base import to_float
 from bdrun.errors import BdrunError
+from bdrun.metrics import on_device
 
 
 def get_module(model: nn.Module, name: str) -> nn.Module:
@@ -55,6 +56,33 @@ def layer_outputs(
 
     run_with_hook(model, layer, keep, x, batch_size, device)
     return torch.cat(captured) if captured else torch.empty(0)
+
+
+@torch.no_grad()
+def channel_stats(
+    model: nn.Module,
+    layer: str,
+    x: Tensor,
+    batch_size: int = 1024,
+    device: str | torch.device = "cpu",
+) -> tuple[Tensor, Tensor]:
+    """(mean, max) of every output channel of `layer` over all images and positions, reduced
+    batch by batch so that no [N, C, H, W] activation tensor is ever held. The model goes back
+    to where it was."""
+    totals: dict[str, Tensor] = {}
+    positions = 0
+
+    def reduce(_module: nn.Module, _inputs: object, out: Tensor) -> None:
+        nonlocal positions
+        per_channel = out.detach().float().transpose(0, 1).flatten(1)  # [C, N * H * W]
+        sums, peaks = per_channel.sum(1).cpu(), per_channel.amax(1).cpu()
+        totals["sum"] = totals["sum"] + sums if "sum" in totals else sums
+        totals["max"] = torch.maximum(totals["max"], peaks) if "max" in totals else peaks
+        positions += per_channel.shape[1]
+
+    with on_device(model, device):
+        run_with_hook(model, layer, reduce, x, batch_size, device)
+    return totals["sum"] / max(positions, 1), totals["max"]
 
 
 @torch.no_grad()

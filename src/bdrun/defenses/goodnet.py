@@ -39,16 +39,9 @@ class Disagreement(InputDetector):
         self.reference, self.repaired = reference, repaired
         self.batch_size, self.device = ctx.settings.eval_batch_size, ctx.device
 
-    def labels(self, model: nn.Module, x: Tensor) -> Tensor:
-        """`model`'s labels, computed on the run's device; the model goes back where it was."""
-        home = next(model.parameters()).device
-        try:
-            return predict(model.to(self.device), x, self.batch_size, self.device)
-        finally:
-            model.to(home)
-
     def score(self, x: Tensor) -> Tensor:
-        return (self.labels(self.reference, x) != self.labels(self.repaired, x)).float()
+        reference = predict(self.reference, x, self.batch_size, self.device)
+        return (reference != predict(self.repaired, x, self.batch_size, self.device)).float()
 
 
 class GoodNet(Defense):
@@ -101,6 +94,8 @@ class GoodNet(Defense):
         # scoring only: flagged rates on the test sets, and B' on its own
         flagged_clean = detector.score(ctx.test.x)
         flagged_backdoor = detector.score(ctx.backdoor_test.x)
+        detector.remember(ctx.test.x, flagged_clean)
+        detector.remember(ctx.backdoor_test.x, flagged_backdoor)
         repaired_alone = ctx.evaluate(model)
         self.figures = {
             "reference": self.reference_kind,

@@ -12,6 +12,7 @@ from torch.nn.utils import prune
 from bdrun.data.base import ImageSet, to_float, to_storage
 from bdrun.defenses.activations import layer_outputs, penultimate
 from bdrun.defenses.base import Defense, InputDetector
+from bdrun.defenses.detection import input_detection_metrics
 from bdrun.defenses.finetune import check_schedule, finetune
 from bdrun.defenses.prune import fraction
 from bdrun.defenses.pruning import (
@@ -409,23 +410,8 @@ class NeuralCleanse(Defense):
         detector = ActivationFilter(activations, neurons, threshold)
         test_scores = detector.score(ctx.test.x)
         bd_scores = detector.score(ctx.backdoor_test.x)
-        self.figures.update(
-            {
-                "filter_neurons": neurons.tolist(),
-                "threshold": threshold,
-                "frr": float((test_scores > threshold).double().mean()),
-                "far": float((bd_scores <= threshold).double().mean()) if len(bd_scores) else None,
-                "auroc": _auroc(test_scores, bd_scores),
-            }
-        )
+        detector.remember(ctx.test.x, test_scores)
+        detector.remember(ctx.backdoor_test.x, bd_scores)
+        self.figures["filter_neurons"] = neurons.tolist()
+        self.figures.update(input_detection_metrics(test_scores, bd_scores, threshold))
         return detector
-
-
-def _auroc(clean: Tensor, backdoor: Tensor) -> float | None:
-    """Area under the ROC curve of scores separating backdoor (positive) from clean inputs."""
-    if len(clean) == 0 or len(backdoor) == 0:
-        return None
-    from sklearn.metrics import roc_auc_score
-
-    labels = torch.cat([torch.zeros(len(clean)), torch.ones(len(backdoor))])
-    return float(roc_auc_score(labels.numpy(), torch.cat([clean, backdoor]).double().numpy()))

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.nn.utils import prune
 
 from bdrun.data.base import to_float
-from bdrun.defenses.activations import get_module, layer_outputs
+from bdrun.defenses.activations import channel_stats, get_module, layer_outputs
 from bdrun.errors import BdrunError
 
 KEEP_BUFFER = "channel_keep"  # per-channel 0/1 on a pruned block that is not a conv/linear
@@ -64,19 +64,12 @@ def channel_activity(
     batch_size: int = 1024,
     device: str | torch.device = "cpu",
 ) -> Tensor:
-    """Mean activation of each channel of `layer` over all images and positions, [C].
-
-    Computed batch by batch so a large layer output never sits in memory whole.
-    """
-    total: Tensor | None = None
-    for part in chunks(len(x), batch_size):
-        per_sample = reduce_channels(layer_outputs(model, layer, x[part], batch_size, device))
-        total = per_sample.sum(0) if total is None else total + per_sample.sum(0)
-    if total is None:
+    """Mean activation of each channel of `layer` over all images and positions, [C]."""
+    if len(x) == 0:
         raise BdrunError(
             "the clean holdout set is empty; pruning needs clean data to rank channels"
         )
-    return total / len(x)
+    return channel_stats(model, layer, x, batch_size, device)[0]
 
 
 def pruning_order(activity: Tensor, exclude: Tensor | None = None) -> Tensor:

@@ -39,7 +39,7 @@ class StripDetector(InputDetector):
     minus the Shannon entropy (bits) of the softmax, averaged over the blends, so higher means
     more likely trojaned. All blends of a chunk of inputs go through the model in one forward
     pass. Overlay draws come from a fresh generator on every call, so the same inputs always get
-    the same score; scores of tensors passed to `remember` are reused, not recomputed.
+    the same score; the test sets' scores are remembered (InputDetector.remember).
     """
 
     def __init__(
@@ -64,7 +64,6 @@ class StripDetector(InputDetector):
         self.inputs_per_pass = max(1, inputs_per_pass)
         self.seed = seed
         self.threshold = float("inf")
-        self._remembered: list[tuple[Tensor, Tensor]] = []
 
     @torch.no_grad()
     def entropy(self, x: Tensor) -> Tensor:
@@ -89,14 +88,7 @@ class StripDetector(InputDetector):
             out.append(bits.view(len(inputs), self.n_overlays).mean(1).cpu())
         return torch.cat(out) if out else torch.empty(0)
 
-    def remember(self, x: Tensor, scores: Tensor) -> None:
-        """Keep the scores of tensor x (the same object) for later calls."""
-        self._remembered.append((x, scores))
-
     def score(self, x: Tensor) -> Tensor:
-        for known, scores in self._remembered:
-            if known is x:
-                return scores
         return -self.entropy(x)
 
     def calibrate(self, clean_entropy: Tensor, frr: float, method: str) -> float:
