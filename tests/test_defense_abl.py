@@ -60,6 +60,8 @@ def test_margin_unlearning_keeps_a_gradient_where_the_softmax_is_saturated():
         {"unlearning_lr": 0},
         {"isolation_epochs": -1},
         {"unlearning_loss": "flooding"},
+        {"unlearning_stop": 1.0},
+        {"unlearning_stop": -0.1},
     ],
 )
 def test_bad_settings_are_user_errors(kwargs):
@@ -77,11 +79,15 @@ def test_abl_on_digits_isolates_one_percent_and_caches_every_stage(tmp_path, cap
     assert d["precision"] >= 0.5  # digits are easy: clean samples also reach tiny losses
     stages = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ABL")]
     assert sum("cache miss" in m for m in stages) == 3  # isolation, training on, unlearning
+    # the unlearning ran until at most 10 % of the isolated samples kept their labels
+    assert 1 <= d["unlearning_epochs_run"] <= 5 and d["isolated_acc_after"] <= 0.1
+    assert first["metrics"]["after"]["asr"] < first["metrics"]["before"]["asr"]
 
     caplog.clear()
     second = run(cfg, tmp_path / "second")
     stages = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ABL")]
     assert sum("cache hit" in m for m in stages) == 3
+    assert second["metrics"]["detection"] == d  # the unlearning record came from the cache
     assert second["metrics"]["after"] == first["metrics"]["after"]
     assert json.loads((tmp_path / "second" / "results.json").read_text())["defense"] == "abl"
 
@@ -89,17 +95,17 @@ def test_abl_on_digits_isolates_one_percent_and_caches_every_stage(tmp_path, cap
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
-# Issue 5's bar, not met yet (measured 2026-11-22, CPU, 6 epochs): BadNets isolation precision
-# 1.0 but ASR 99.8 % after the authors' unlearning (the isolated samples' softmax is saturated;
-# unlearning_loss=margin gives ASR 0.5 % at CCA -5.3 points); SIG isolation precision 0.0.
-NOT_YET = pytest.mark.xfail(strict=True, reason="ABL does not meet the bar on FMNIST yet")
+# Issue 5's bar holds for BadNets (measured 2026-11-23, CPU, 6 epochs: precision 0.995, ASR
+# 0.27 %, CCA -3.8 points). Not for SIG: under LGA its poisons (median loss 0.20) stay above the
+# easy classes' clean samples (trouser 0.008, bag 0.07, sandal 0.10), so the lowest-loss 1 %
+# holds no poison (382 trousers, 146 bags, 42 sandals); ABL's premise that poisons are learned
+# fastest does not hold on this data.
+SIG_NOT_ISOLATED = pytest.mark.xfail(strict=True, reason="SIG poisons are not the lowest-loss 1 %")
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not FMNIST.is_dir(), reason="apt-get install dataset-fashion-mnist")
-@pytest.mark.parametrize(
-    "attack", [pytest.param("badnets", marks=NOT_YET), pytest.param("sig", marks=NOT_YET)]
-)
+@pytest.mark.parametrize("attack", ["badnets", pytest.param("sig", marks=SIG_NOT_ISOLATED)])
 def test_abl_fashion_mnist(attack, tmp_path):
     cfg = compose_config("dataset=fashion_mnist", f"attack={attack}", "defense=abl", "logger=none")
     results = run(cfg, tmp_path)

@@ -57,7 +57,11 @@ class InputAware(Attack):
     trains jointly with the classifier, which sees per batch a share p_attack of backdoor
     inputs (their own trigger, target label), p_cross of cross-trigger inputs (another input's
     trigger, true label kept) and clean inputs, with the diversity loss (lambda_div = 1) on G.
-    The classifier keeps bdrun's training settings (the authors: SGD lr 0.01).
+    The classifier keeps bdrun's training settings (the authors: SGD lr 0.01). G's learning
+    rate follows the classifier's schedule (lr_pattern times the classifier's current share of
+    its initial lr), as the authors step both with the same MultiStepLR milestones: a G still
+    moving at full speed while a cosine schedule has stopped the classifier leaves the final
+    triggers ahead of what the classifier learned.
 
     Here p_attack is the poison rate: the backdoor samples are chosen once (the ground-truth
     poison mask, relabelled in the training set, images left clean because their trigger only
@@ -259,6 +263,7 @@ class InputAwareHook(TrainingHook):
         cross_rows = clean_rows[torch.randperm(len(clean_rows), generator=self._g)[:n_cross]]
         if len(x) < 2 or (len(bd_rows) == 0 and n_cross == 0):
             return x, y
+        self.follow_classifier_schedule(module)
         device = x.device
         out = x
         if n_cross:
@@ -286,6 +291,12 @@ class InputAwareHook(TrainingHook):
                 inputs, others, patterns, other_patterns
             )
         return out, y
+
+    def follow_classifier_schedule(self, module: ClassifierModule) -> None:
+        """G's lr = lr_pattern x (the classifier's lr now / its initial lr)."""
+        now, base = module.trainer.optimizers[0].param_groups[0]["lr"], module.settings.lr
+        for group in self.opt.param_groups:
+            group["lr"] = self.attack.lr_pattern * (now / base if base > 0 else 1.0)
 
     def loss(
         self, logits: Tensor, y: Tensor, pos: Tensor, module: ClassifierModule
