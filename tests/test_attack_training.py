@@ -85,7 +85,9 @@ def test_input_aware_cache_hit_restores_the_generator_and_the_backdoor_test_set(
 def test_input_aware_hook_triggers_backdoor_rows_and_cross_rows(tmp_path):
     p = prepare(compose_config(*DIGITS, "attack=input_aware", "attack.mask_epochs=0"), tmp_path)
     (hook,) = p.ctx.attack_hooks
-    trainer = SimpleNamespace(world_size=1)
+    # the classifier's schedule has brought its lr to a quarter of the initial one
+    classifier_opt = torch.optim.SGD([torch.zeros(1)], lr=p.ctx.settings.lr / 4)
+    trainer = SimpleNamespace(world_size=1, optimizers=[classifier_opt])
     module = SimpleNamespace(
         data=p.poisoned, device=torch.device("cpu"), trainer=trainer, settings=p.ctx.settings
     )
@@ -99,6 +101,7 @@ def test_input_aware_hook_triggers_backdoor_rows_and_cross_rows(tmp_path):
     assert int(changed[~poisoned].sum()) == round(200 * 0.1)  # cross rows: p_cross of the batch
     assert torch.equal(out_y, y) and torch.all(y[poisoned] == 0)
     assert out.requires_grad  # the generator learns through the classifier's loss
+    assert hook.opt.param_groups[0]["lr"] == pytest.approx(p.attack.lr_pattern / 4)
     loss = hook.loss(torch.zeros(200, 10, requires_grad=True), y, pos, module)
     assert loss is not None and loss > 0  # cross-entropy plus the diversity term
 
