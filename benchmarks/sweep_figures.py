@@ -89,10 +89,15 @@ def measure_cache(base: list[str], sweep: list[str]) -> None:
         sweep_dir = Path(tmp) / "sweep"
         sweep_dir.mkdir()
         total = bdrun(["-m", *base, *sweep], sweep_dir, fresh_env(sweep_dir))
-        rows = summary_rows(sweep_folder(sweep_dir))
+        folder = sweep_folder(sweep_dir)
+        rows = summary_rows(folder)
+        jobs = [json.loads(p.read_text()) for p in folder.glob("*/results.json")]
     misses = sum(r["cache"] == "miss" for r in rows)
+    curves = [j["metrics"].get("detection", {}).get("curve_cache") for j in jobs]
     print(f"sweep: {' '.join(sweep)}  (base: {' '.join(base)})")
     print(f"jobs: {len(rows)} of {n} done, model cache misses: {misses}")
+    if any(curves):
+        print(f"pruning curves scored: {curves.count('miss')}, reused: {curves.count('hit')}")
     print(f"single uncached run: {single:.1f} s wall")
     print(
         f"sweep: {total:.1f} s wall; {n} x single = {n * single:.1f} s; ratio {total / (n * single):.3f}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import multiprocessing as mp
 import time
 
@@ -97,3 +98,25 @@ def test_concurrent_processes_train_a_model_once(tmp_path):
         p.join(60)
     statuses = sorted(results.get(timeout=5) for _ in procs)
     assert statuses == ["hit", "miss"]
+
+
+def test_results_are_computed_once_and_survive_json(tmp_path):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return [{"pruned": 0, "asr": float("nan"), "cca": 0.5}]
+
+    cache = ModelCache(tmp_path)
+    first, status = cache.get_or_compute("k", compute, {"what": "curve"})
+    assert status == "miss" and len(calls) == 1
+    second, status = cache.get_or_compute("k", compute, {"what": "curve"})
+    assert status == "hit" and len(calls) == 1
+    assert second[0]["pruned"] == 0 and second[0]["cca"] == 0.5 and math.isnan(second[0]["asr"])
+    (tmp_path / "k" / "result.json").write_text("{not json")  # damaged: computed again
+    _, status = cache.get_or_compute("k", compute, {"what": "curve"})
+    assert status == "miss" and len(calls) == 2
+    _, status = ModelCache(tmp_path, refresh=True).get_or_compute("k", compute, {})
+    assert status == "miss" and len(calls) == 3
+    _, status = ModelCache(tmp_path, enabled=False).get_or_compute("k", compute, {})
+    assert status == "off" and len(calls) == 4

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import csv
 
 import pytest
 import torch
@@ -132,3 +133,31 @@ def test_accuracy_drop_stop_keeps_the_last_level_within_the_budget():
     assert stop_count(acc, 0.50) == 6  # never exceeded: everything
     assert curve_counts(64, 101) == list(range(65))
     assert curve_counts(512, 5, extra=[7]) == [0, 7, 128, 256, 384, 512]
+
+
+def test_a_sweep_over_lr_and_prune_ratio_scores_the_pruning_curve_once(tmp_path):
+    from bdrun.runner import run
+
+    # a 5-level grid (0 / 16 / 32 / 48 / 64 of 64 channels), so stops fall off the grid
+    base = ("defense=fine_pruning", "logger=none", "train.epochs=3", "defense.epochs=1")
+    base += ("defense.curve_points=5",)
+    runs = {
+        "first": (),
+        "other_lr": ("defense.lr=0.001",),
+        "other_ratio": ("defense.prune_ratio=0.3",),
+    }
+    results = {
+        name: run(compose_config(*base, *extra), tmp_path / name) for name, extra in runs.items()
+    }
+    status = {name: r["metrics"]["detection"]["curve_cache"] for name, r in results.items()}
+    assert status == {"first": "miss", "other_lr": "hit", "other_ratio": "hit"}
+    assert results["first"]["metrics"]["after"] != results["other_lr"]["metrics"]["after"]
+
+    def curve(name):
+        with open(tmp_path / name / "pruning_curve_fine_pruning.csv") as f:
+            return {int(row["pruned"]): row for row in csv.DictReader(f)}
+
+    first, other_ratio = curve("first"), curve("other_ratio")
+    assert first == curve("other_lr")  # the same curve, written into every run folder
+    assert 19 in other_ratio and 19 not in first  # round(0.3 * 64): its own stop, scored anew
+    assert all(other_ratio[k] == first[k] for k in (0, 16, 32, 48, 64))  # the shared grid

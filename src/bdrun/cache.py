@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.safetensors"
 META_FILE = "meta.json"
+RESULT_FILE = "result.json"
 
 
 def companion_file(name: str) -> str:
@@ -152,3 +153,29 @@ class ModelCache:
             self.store(key, trained, meta, companions)
             log.info("model cache stored %s", key)
             return trained, "miss"
+
+    def get_or_compute(
+        self, key: str, compute: Callable[[], Any], meta: dict[str, Any]
+    ) -> tuple[Any, str]:
+        """A JSON-able result derived from models and data (a pruning curve), stored under `key`
+        like a model: (value, "hit" | "miss" | "off"). NaN survives the round trip."""
+        if not self.enabled:
+            return compute(), "off"
+        entry = self.path(key)
+        with self._locked(key):
+            if not self.refresh:
+                try:
+                    value = json.loads((entry / RESULT_FILE).read_text())
+                    log.info("result cache hit %s", key)
+                    return value, "hit"
+                except FileNotFoundError:
+                    pass
+                except (OSError, ValueError) as err:  # unreadable: compute again
+                    log.warning("ignoring unreadable cache entry %s: %s", entry, err)
+            value = compute()
+            self.root.mkdir(parents=True, exist_ok=True)
+            with atomic_dir(entry) as tmp:
+                (tmp / RESULT_FILE).write_text(json.dumps(value))
+                (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
+            log.info("result cache stored %s", key)
+            return value, "miss"

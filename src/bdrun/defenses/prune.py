@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from bdrun.cache import content_key
 from bdrun.defenses.base import Defense
 from bdrun.defenses.pruning import (
     PruneSite,
@@ -140,6 +141,7 @@ class Prune(Defense):
             None if curve_samples is None else coerce(curve_samples, "int", "defense.curve_samples")
         )
         self.plan: PrunePlan | None = None
+        self.curve_cache = "not scored"
 
     # -- planning -------------------------------------------------------------------------------
     def chosen_count(self, holdout_acc: Tensor, channels: int) -> int:
@@ -170,7 +172,7 @@ class Prune(Defense):
         )
         stops = self.stop_points(plan)
         if self.curve:
-            plan.rows = self.score_curve(model, ctx, plan, [s["pruned"] for s in stops])
+            plan.rows = self.cached_curve(model, ctx, plan, [s["pruned"] for s in stops])
             by_count = {row["pruned"]: row for row in plan.rows}
             for stop in stops:
                 stop.update({k: by_count[stop["pruned"]][k] for k in ("cca", "asr", "ra")})
@@ -201,11 +203,43 @@ class Prune(Defense):
             for label, count in points
         ]
 
-    def score_curve(
+    def cached_curve(
         self, model: nn.Module, ctx: RunContext, plan: PrunePlan, extra: Sequence[int]
     ) -> list[dict[str, Any]]:
-        """CCA, ASR and RA on the test sets at each pruning level (scoring only)."""
-        counts = curve_counts(plan.channels, self.curve_points, [*extra, plan.count])
+        """`score_curve` at the grid levels through the cache, plus the stops off the grid: the
+        jobs of a sweep over the fine-tuning lr or the prune ratio prune the same poisoned model
+        in the same order, so they share its curve (scored once: most of a fine-pruning job's
+        time on Fashion-MNIST); only their own stops are scored per job."""
+        grid = curve_counts(plan.channels, self.curve_points)
+        key = content_key(
+            {
+                **ctx.key_parts,
+                "what": "pruning curve",
+                "weights": model.state_dict(),
+                "layer": plan.site.rank_layer,
+                "order": plan.order,
+                "holdout_acc": plan.holdout_acc,
+                "counts": grid,
+                "test": [ctx.test.x, ctx.test.y],
+                "backdoor": [ctx.backdoor_test.x, ctx.backdoor_test.y, ctx.backdoor_test.orig_y],
+                "curve_samples": self.curve_samples,
+            }
+        )
+        meta = {"what": "pruning curve", "layer": plan.site.prune_layer, "levels": len(grid)}
+        rows, self.curve_cache = ctx.cache.get_or_compute(
+            key, lambda: self.score_curve(model, ctx, plan, grid), meta
+        )
+        off_grid = sorted({*extra, plan.count} - set(grid))
+        if off_grid:
+            rows = sorted(
+                [*rows, *self.score_curve(model, ctx, plan, off_grid)], key=lambda r: r["pruned"]
+            )
+        return rows
+
+    def score_curve(
+        self, model: nn.Module, ctx: RunContext, plan: PrunePlan, counts: Sequence[int]
+    ) -> list[dict[str, Any]]:
+        """CCA, ASR and RA on the test sets at each of `counts` pruning levels (scoring only)."""
         keeps = keep_rows(plan.order, counts, plan.channels)
         g = ctx.generator("pruning-curve")
         test = subsample(ctx.test, self.curve_samples, g)
@@ -253,4 +287,5 @@ class Prune(Defense):
             "holdout_acc_unpruned": float(plan.holdout_acc[0]),
             "holdout_acc_pruned": float(plan.holdout_acc[plan.count]),
             "prune_stops": plan.stops,
+            "curve_cache": self.curve_cache,
         }
