@@ -77,6 +77,7 @@ def test_abl_on_digits_isolates_one_percent_and_caches_every_stage(tmp_path, cap
     assert d["removed"] == round(0.01 * first["poison"]["train_size"])
     print(f"ABL digits isolation: {d}")
     assert d["precision"] >= 0.5  # digits are easy: clean samples also reach tiny losses
+    assert d["isolated_top_label_share"] >= d["precision"]  # the poisons all carry label 0
     stages = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ABL")]
     assert sum("cache miss" in m for m in stages) == 3  # isolation, training on, unlearning
     # the unlearning ran until at most 10 % of the isolated samples kept their labels

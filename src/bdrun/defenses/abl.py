@@ -197,6 +197,11 @@ class AntiBackdoorLearning(Defense):
        gave ASR 0 % but CCA 79.9 % (92.1 % undefended): after the first epoch 93 % of the
        isolated samples had left their labels and the later epochs only cost clean accuracy;
        stopping there (the default) gave ASR 1.6 % and CCA 88.6 %.
+    The report adds `isolated_top_label_share`, the share of the isolated samples that carry
+    their most common label (a warning below 0.9): all-to-one and clean-label poisons share the
+    target label,
+    while on Fashion-MNIST SIG the lowest-loss 1 % were clean trousers, bags and sandals (0.67)
+    and unlearning them left CCA at 49.3 % and ASR at 100 %.
     The optimiser, batch size and learning rate of stages 1-2 are the run's `train` settings.
     Every stage goes through the model cache (`ctx.train_cached`; the loss record is stored
     with the isolation model), so a second run with the same data and settings trains nothing.
@@ -297,7 +302,17 @@ class AntiBackdoorLearning(Defense):
     def train(self, data: ImageSet, ctx: RunContext) -> nn.Module:
         isolated = self.isolate(data, ctx)
         self._report = removal_metrics(isolated, data.poison)
+        # the defender's own check of ABL's premise that a backdoor is tied to one class
+        share = float(data.y[isolated].bincount().max()) / int(isolated.sum())
+        self._report["isolated_top_label_share"] = share
         log.info("ABL isolated %d samples: %s", int(isolated.sum()), self._report)
+        if share < 0.9:
+            log.warning(
+                "ABL: the isolated samples spread over several labels (the most common holds "
+                "%.0f %%); against an all-to-one or clean-label attack the isolation likely caught "
+                "easy clean samples, and unlearning them costs clean accuracy",
+                100 * share,
+            )
         assert self._isolation_model is not None
         model = copy.deepcopy(self._isolation_model)  # the cached isolation model stays as is
         epochs = ctx.settings.epochs if self.finetune_epochs is None else self.finetune_epochs
