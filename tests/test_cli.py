@@ -186,3 +186,32 @@ def test_user_errors_end_in_one_line_and_leave_nothing(tmp_path, case):
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").iterdir())
     assert not [p for p in (tmp_path / "data").rglob("*") if p.is_file()]  # no partial download
+
+
+def test_a_run_whose_model_is_cached_does_not_import_lightning(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    # the second run loads its model from the cache: Lightning (seconds to import) stays out
+    code = (
+        "import sys; from bdrun.cli import main; sys.argv = ['bdrun', 'logger=csv', "
+        f"'hydra.run.dir={tmp_path}/' + sys.argv[1]]\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "print('lightning imported:', 'pytorch_lightning' in sys.modules)"
+    )
+    outputs = [
+        subprocess.run(
+            [sys.executable, "-c", code, name],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            env={**os.environ, "BDRUN_CACHE": str(tmp_path / "cache")},  # first run: a miss
+        ).stdout
+        for name in ("first", "second")
+    ]
+    assert "lightning imported: True" in outputs[0]  # it trained
+    assert "lightning imported: False" in outputs[1]
+    assert json.loads((tmp_path / "second" / "results.json").read_text())["cache"] == {
+        "model": "hit"
+    }

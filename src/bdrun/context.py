@@ -53,11 +53,18 @@ class RunContext:
     new_model: Callable[[], nn.Module]
     key_parts: dict[str, Any] = field(default_factory=dict)
     attack_hooks: Sequence[TrainingHook] = ()
-    lightning_logger: Any = False
     attack: Attack | None = None
     poisoned_status: str = "not trained"
     poisoned_train_s: float = 0.0
     _poisoned: nn.Module | None = field(default=None, repr=False)
+    _lightning: list[Any] = field(default_factory=list, repr=False)
+
+    def lightning_logger(self) -> Any:
+        """The run logger's Lightning counterpart, made at the first training: Lightning's
+        loggers import Lightning, which a run whose models all come from the cache never needs."""
+        if not self._lightning:
+            self._lightning.append(self.logger.lightning())
+        return self._lightning[0]
 
     @property
     def device(self) -> torch.device:
@@ -89,7 +96,7 @@ class RunContext:
             self.info.num_classes,
             self.seed,
             hooks=[*(self.attack_hooks if attack_hooks else ()), *hooks],
-            logger=self.lightning_logger,
+            logger=self.lightning_logger(),
             stream=stream,
             checkpoint_dir=checkpoint_dir,
         )

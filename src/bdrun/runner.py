@@ -134,7 +134,6 @@ def prepare(cfg: DictConfig, run_dir: Path) -> Prepared:
         cache=ModelCache(cache_dir, enabled, refresh),
         new_model=new_model,
         key_parts=key_parts,
-        lightning_logger=logger.lightning(),
         attack=attack,
     )
     # the attack's own models (surrogates) train without its hooks: they model clean data

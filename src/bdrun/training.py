@@ -1,4 +1,5 @@
-"""Training in a LightningModule around a plain nn.Module, fed by the in-memory loader.
+"""Training settings, hooks and `fit`: a LightningModule around a plain nn.Module, fed by the
+in-memory loader (the Lightning side lives in bdrun.lightning_loop, imported on first use).
 
 Training-time attacks and defenses plug in as TrainingHooks: they may rewrite each batch
 (WaNet, input-aware triggers) or the loss (ABL), and see every epoch end.
@@ -7,25 +8,21 @@ Training-time attacks and defenses plug in as TrainingHooks: they may rewrite ea
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
-from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch import Tensor, nn
-from torchmetrics.classification import MulticlassAccuracy
 
-from bdrun.data.base import ImageSet, to_float
-from bdrun.data.loader import InMemoryLoader
-from bdrun.errors import BdrunError, TrainingInterrupted
+from bdrun.data.base import ImageSet
+from bdrun.errors import BdrunError
 from bdrun.progress import enabled as progress_enabled
-from bdrun.rng import seeded_global
+
+if TYPE_CHECKING:
+    from bdrun.lightning_loop import ClassifierModule
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("cosine", "step", "none")
@@ -171,152 +168,6 @@ class TrainingHook:
         return {}
 
 
-class ClassifierModule(pl.LightningModule):
-    """Lightning wrapper: cross-entropy training of `model` on an in-memory ImageSet."""
-
-    def __init__(
-        self,
-        model: nn.Module,
-        data: ImageSet,
-        settings: TrainSettings,
-        num_classes: int,
-        seed: int,
-        hooks: list[TrainingHook] | tuple[TrainingHook, ...] = (),
-        channels_last: bool = False,
-        data_on_device: bool = False,
-    ) -> None:
-        super().__init__()
-        self.model = model
-        self.data_on_device = data_on_device
-        self.data = data
-        self.settings = settings
-        self.seed = seed
-        self.hooks = list(hooks)
-        self.channels_last = channels_last
-        # validate_args=False: its checks read GPU values back (a sync per step)
-        self.train_acc = MulticlassAccuracy(
-            num_classes=num_classes, average="micro", validate_args=False
-        )
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.model(x)
-
-    def train_dataloader(self) -> InMemoryLoader:
-        trainer = self.trainer
-        # train.batch_size is the global batch: with DDP each of the world_size ranks takes its
-        # share of it, so the optimisation (and the result) does not depend on the device count
-        self._loader = InMemoryLoader(
-            self.data,
-            max(1, self.settings.batch_size // trainer.world_size),
-            shuffle=True,
-            seed=self.seed,
-            rank=trainer.global_rank,
-            world_size=trainer.world_size,
-            device=self.device if self.data_on_device and self.device.type == "cuda" else None,
-        )
-        return self._loader
-
-    def on_train_epoch_start(self) -> None:
-        # a training resumed from a checkpoint continues with that epoch's permutation
-        loader = getattr(self, "_loader", None)
-        if loader is not None:
-            loader.epoch = self.current_epoch
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # dropout draws from the global RNG: keep its state so a resumed run matches
-        checkpoint["bdrun_rng_state"] = torch.get_rng_state()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get("bdrun_rng_state")
-        if isinstance(state, Tensor):
-            torch.set_rng_state(state)
-
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        x, y, pos = batch
-        x = to_float(x)  # uint8 crosses to the device as bytes and becomes float there
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x, y, pos
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        x, y, pos = batch
-        for hook in self.hooks:
-            x, y = hook.on_batch(x, y, pos, self)
-        logits = self.model(x)
-        loss = None
-        for hook in self.hooks:
-            loss = hook.loss(logits, y, pos, self)
-            if loss is not None:
-                break
-        if loss is None:
-            loss = F.cross_entropy(logits, y, label_smoothing=self.settings.label_smoothing)
-        self.train_acc.update(logits.detach(), y)
-        self.log(
-            "train/loss",
-            loss.detach(),
-            on_step=False,
-            on_epoch=True,
-            batch_size=len(y),
-            sync_dist=self.trainer.world_size > 1,
-        )
-        return loss
-
-    def setup(self, stage: str) -> None:
-        quiet_lightning()  # again in DDP worker processes, which start with fresh settings
-
-    def on_train_start(self) -> None:
-        for hook in self.hooks:
-            hook.on_train_start(self)
-
-    def on_after_backward(self) -> None:
-        for hook in self.hooks:
-            hook.on_after_backward(self)
-
-    def on_train_epoch_end(self) -> None:
-        # torchmetrics already reduced it over the ranks; sync_dist only keeps Lightning quiet
-        self.log("train/acc", self.train_acc.compute(), sync_dist=self.trainer.world_size > 1)
-        self.train_acc.reset()
-        for hook in self.hooks:
-            hook.on_epoch_end(self)
-
-    def configure_optimizers(self) -> Any:
-        s = self.settings
-        params = self.model.parameters()
-        if s.optimizer == "sgd":
-            opt = torch.optim.SGD(
-                params,
-                lr=s.lr,
-                momentum=s.momentum,
-                weight_decay=s.weight_decay,
-                nesterov=s.momentum > 0,
-            )
-        elif s.optimizer == "adam":
-            opt = torch.optim.Adam(params, lr=s.lr, weight_decay=s.weight_decay)
-        else:
-            opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
-        epochs = max(s.epochs, 1)
-        if s.scheduler == "cosine":
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
-        elif s.scheduler == "step":
-            sched = torch.optim.lr_scheduler.MultiStepLR(
-                opt, milestones=[epochs // 2, 3 * epochs // 4], gamma=0.1
-            )
-        else:
-            return opt
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
-
-
-def quiet_lightning() -> None:
-    """Keep Lightning's banner lines and advice out of the console (they reach the log file)."""
-    for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=".*`training_step` returned `None`.*")
-    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-    # Lightning advises `srun` whenever Slurm is installed, also for runs not meant for it
-    warnings.filterwarnings("ignore", message=".*`srun` command is available.*")
-
-
 @contextmanager
 def torch_threads(count: int | None) -> Iterator[None]:
     """torch's thread count set to `count` (None or 0: unchanged) for the duration, so a run
@@ -353,89 +204,14 @@ def fit(
     hook is not `resumable`. On SIGTERM the training stops after the current batch and raises
     TrainingInterrupted.
     """
-    quiet_lightning()
-    if len(data) == 0:
-        raise BdrunError("the training set is empty")
-    # Lightning keeps the mode it is given; a cached model comes back in eval mode
-    model.train()
-    with seeded_global(seed, stream), torch_threads(hardware.num_threads):
-        module = ClassifierModule(
-            model,
-            data,
-            settings,
-            num_classes,
-            seed,
-            hooks=hooks,
-            channels_last=hardware.channels_last,
-            data_on_device=hardware.keeps_data_on_device(data),
-        )
-        if hardware.channels_last:
-            module.model.to(memory_format=torch.channels_last)
-        spawned = "spawn" in str(hardware.strategy)
-        owner = next((hook for hook in hooks if hook.modules()), None)
-        if spawned and owner is not None:
-            raise BdrunError(
-                f"trainer.strategy={hardware.strategy} cannot train the modules of "
-                f"{type(owner).__name__} (they would stay in the worker processes); "
-                "use trainer=cpu or trainer=gpu for this attack or defense"
-            )
-        resume = checkpoint_dir is not None and all(h.resumable for h in hooks)
-        callbacks: list[pl.Callback] = []
-        if resume:
-            callbacks.append(epoch_checkpoint(Path(checkpoint_dir)))
-        if hardware.show_progress():
-            from pytorch_lightning.callbacks import RichProgressBar
+    from bdrun.lightning_loop import fit_lightning  # Lightning loads on the first training
 
-            callbacks.append(RichProgressBar(leave=False))
-        trainer = pl.Trainer(
-            accelerator=hardware.accelerator,
-            devices=hardware.devices,
-            strategy=hardware.strategy,
-            precision=hardware.precision,
-            max_epochs=settings.epochs,
-            deterministic=hardware.deterministic,
-            benchmark=hardware.benchmark,
-            logger=logger,
-            enable_checkpointing=resume,
-            callbacks=callbacks,
-            enable_model_summary=False,
-            enable_progress_bar=hardware.show_progress(),
-            num_sanity_val_steps=0,
-            use_distributed_sampler=False,
-            log_every_n_steps=1,
-        )
-        if settings.epochs > 0:
-            ckpt = last_checkpoint(Path(checkpoint_dir)) if resume else None
-            if ckpt is not None:
-                logging.getLogger(__name__).info("resuming training from %s", ckpt)
-            try:
-                trainer.fit(module, ckpt_path=ckpt, weights_only=True)
-            except SIGTERMException:
-                raise TrainingInterrupted(
-                    f"training stopped by SIGTERM in epoch {trainer.current_epoch + 1} of "
-                    f"{settings.epochs}; run the same command again to "
-                    + ("resume from its last checkpoint" if resume else "train again")
-                ) from None
-    trained = module.model.to("cpu", memory_format=torch.contiguous_format).eval()
-    return trained
+    return fit_lightning(
+        model, data, settings, hardware, num_classes, seed, hooks, logger, stream, checkpoint_dir
+    )
 
 
 CHECKPOINT_FILE = "last.ckpt"
-
-
-def epoch_checkpoint(folder: Path) -> pl.Callback:
-    """Lightning callback that keeps one checkpoint, of the last finished epoch, in `folder`
-    (written atomically by Lightning: a kill mid-write leaves the previous one)."""
-    from pytorch_lightning.callbacks import ModelCheckpoint
-
-    return ModelCheckpoint(
-        dirpath=str(folder),
-        filename=Path(CHECKPOINT_FILE).stem,
-        save_top_k=1,
-        every_n_epochs=1,
-        save_on_train_epoch_end=True,
-        enable_version_counter=False,
-    )
 
 
 def last_checkpoint(folder: Path) -> Path | None:

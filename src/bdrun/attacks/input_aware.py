@@ -18,10 +18,11 @@ from bdrun.data.loader import InMemoryLoader
 from bdrun.errors import BdrunError
 from bdrun.metrics import accuracy
 from bdrun.rng import derive_seed, generator, seeded_global
-from bdrun.training import ClassifierModule, TrainingHook
+from bdrun.training import TrainingHook
 
 if TYPE_CHECKING:
     from bdrun.context import RunContext
+    from bdrun.lightning_loop import ClassifierModule
 
 
 def rms_distance(a: Tensor, b: Tensor) -> Tensor:

@@ -15,10 +15,11 @@ from bdrun.data.base import DataInfo, to_float
 from bdrun.errors import BdrunError
 from bdrun.metrics import accuracy
 from bdrun.rng import generator
-from bdrun.training import ClassifierModule, TrainingHook
+from bdrun.training import TrainingHook
 
 if TYPE_CHECKING:
     from bdrun.context import RunContext
+    from bdrun.lightning_loop import ClassifierModule
 
 
 def warping_field(k: int, height: int, width: int, g: torch.Generator) -> Tensor:

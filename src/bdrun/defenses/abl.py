@@ -30,7 +30,7 @@ from bdrun.training import TrainingHook, TrainSettings
 
 if TYPE_CHECKING:
     from bdrun.context import RunContext
-    from bdrun.training import ClassifierModule
+    from bdrun.lightning_loop import ClassifierModule
 
 log = logging.getLogger(__name__)
 
