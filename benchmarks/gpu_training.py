@@ -21,9 +21,10 @@ import torch.nn.functional as F
 from bdrun.data.base import to_float
 from bdrun.data.fake import FakeImages
 from bdrun.data.loader import InMemoryLoader
+from bdrun.lightning_loop import fit
 from bdrun.models.preact_resnet import PreActResNet18
 from bdrun.models.small_cnn import SmallCNN
-from bdrun.training import HardwareSettings, TrainSettings, fit
+from bdrun.training import HardwareSettings, TrainSettings
 
 SHAPES = {
     "fmnist": ((1, 28, 28), 60000, SmallCNN),

@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from bdrun.data.base import to_float
 from bdrun.data.fake import FakeImages
 from bdrun.data.loader import InMemoryLoader
+from bdrun.lightning_loop import fit
 from bdrun.models.small_cnn import SmallCNN
-from bdrun.training import HardwareSettings, TrainSettings, fit
+from bdrun.training import HardwareSettings, TrainSettings
 
 
 def plain_loop(model, data, settings: TrainSettings) -> None:

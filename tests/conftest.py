@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,27 @@ def run_bdrun(
         timeout=timeout,
         env={**os.environ, **(env or {})},
     )
+
+
+def start_until_a_checkpoint(
+    args: tuple[str, ...], cwd: Path, env: dict[str, str], timeout: float = 300
+) -> tuple[subprocess.Popen, Path]:
+    """Start `bdrun args` (env names its BDRUN_CACHE) and return once a training has written its
+    first epoch checkpoint: the process, still running, and the checkpoint folder."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bdrun.cli", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    checkpoints = Path(env["BDRUN_CACHE"]) / "models" / ".checkpoints"
+    deadline = time.monotonic() + timeout
+    while not list(checkpoints.glob("*/last.ckpt")) and time.monotonic() < deadline:
+        assert proc.poll() is None, ("bdrun ended before its first checkpoint", proc.communicate())
+        time.sleep(0.02)
+    return proc, checkpoints
 
 
 def conf_options(group: str) -> list[str]:

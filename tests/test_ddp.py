@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from bdrun.data.digits import Digits
+from bdrun.lightning_loop import fit
 from bdrun.models.small_cnn import SmallCNN
-from bdrun.training import HardwareSettings, TrainSettings, fit
+from bdrun.training import HardwareSettings, TrainSettings
 
 from conftest import run_bdrun
 

@@ -6,15 +6,13 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_bdrun
+from conftest import run_bdrun, start_until_a_checkpoint
 
 # long enough (40 epochs of digits) that the kill lands mid-training, one thread so the
 # machine's load does not change the arithmetic
@@ -35,17 +33,7 @@ def checkpoints(cache: Path) -> list[Path]:
 def start_and_interrupt(cwd: Path, cache: Path, sig: signal.Signals) -> subprocess.CompletedProcess:
     """Start bdrun, wait for its first epoch checkpoint, then send `sig`."""
     env = {**os.environ, "BDRUN_CACHE": str(cache)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bdrun.cli", *ARGS],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 240
-    while not checkpoints(cache) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
+    proc, _ = start_until_a_checkpoint(ARGS, cwd, env, timeout=240)
     assert proc.poll() is None, "the training ended before it could be interrupted"
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)

@@ -8,16 +8,13 @@ import csv
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 from datetime import datetime
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
-from conftest import run_bdrun
+from conftest import run_bdrun, start_until_a_checkpoint
 
 
 def sweep_dir(cwd: Path) -> Path:
@@ -34,27 +31,6 @@ def cache_entries(cache: Path) -> list[Path]:
     return (
         sorted(p for p in models.iterdir() if not p.name.startswith(".")) if models.exists() else []
     )
-
-
-def sweep_until_a_checkpoint(
-    args: tuple[str, ...], cwd: Path, env: dict[str, str]
-) -> tuple[subprocess.Popen, Path]:
-    """Start `bdrun args` and return once a training has written its first epoch checkpoint
-    (the process and the checkpoint folder)."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bdrun.cli", *args],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    checkpoints = Path(env["BDRUN_CACHE"]) / "models" / ".checkpoints"
-    deadline = time.monotonic() + 300
-    while not list(checkpoints.glob("*/last.ckpt")) and time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.05)
-    return proc, checkpoints
 
 
 def test_a_sweep_with_failing_jobs_writes_its_summary_and_ends_in_one_clear_error(tmp_path):
@@ -179,7 +155,7 @@ def test_a_killed_sweep_job_leaves_no_broken_entry_and_the_rerun_resumes(tmp_pat
         "logger=none",
     )
     env = {**os.environ, "BDRUN_CACHE": str(cache), "BDRUN_LOCAL_JOBS": "2"}
-    proc, checkpoints = sweep_until_a_checkpoint(args, tmp_path, env)
+    proc, checkpoints = start_until_a_checkpoint(args, tmp_path, env)
     [lock] = (cache / "models").glob(".*.lock")
     holder = lock_holder(lock)
     assert holder is not None and holder != proc.pid  # a worker process trains
@@ -219,7 +195,7 @@ def test_sigterm_stops_the_whole_sweep_and_summarises_what_finished(tmp_path):
     cache = tmp_path / "cache"
     env = {**os.environ, "BDRUN_CACHE": str(cache)}
     args = ("-m", "seed=0,1", "train.epochs=400", "logger=none")
-    proc, _ = sweep_until_a_checkpoint(args, tmp_path, env)
+    proc, _ = start_until_a_checkpoint(args, tmp_path, env)
     proc.send_signal(signal.SIGTERM)  # to the driver: the basic launcher runs jobs in-process
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err

@@ -8,9 +8,10 @@ import torch
 from bdrun.data.base import ImageSet
 from bdrun.data.fake import FakeImages
 from bdrun.errors import BdrunError
+from bdrun.lightning_loop import fit
 from bdrun.models.small_cnn import SmallCNN
 from bdrun.runner import run
-from bdrun.training import HardwareSettings, TrainingHook, TrainSettings, fit
+from bdrun.training import HardwareSettings, TrainingHook, TrainSettings
 
 from conftest import compose_config
 

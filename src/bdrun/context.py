@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -20,7 +21,7 @@ from bdrun.loggers import RunLogger
 from bdrun.metrics import attack_metrics, predict
 from bdrun.progress import track
 from bdrun.rng import generator
-from bdrun.training import HardwareSettings, TrainingHook, TrainSettings, fit
+from bdrun.training import HardwareSettings, TrainingHook, TrainSettings
 
 T = TypeVar("T")
 
@@ -57,14 +58,12 @@ class RunContext:
     poisoned_status: str = "not trained"
     poisoned_train_s: float = 0.0
     _poisoned: nn.Module | None = field(default=None, repr=False)
-    _lightning: list[Any] = field(default_factory=list, repr=False)
 
+    @functools.cached_property
     def lightning_logger(self) -> Any:
         """The run logger's Lightning counterpart, made at the first training: Lightning's
         loggers import Lightning, which a run whose models all come from the cache never needs."""
-        if not self._lightning:
-            self._lightning.append(self.logger.lightning())
-        return self._lightning[0]
+        return self.logger.lightning()
 
     @property
     def device(self) -> torch.device:
@@ -88,6 +87,8 @@ class RunContext:
 
         `attack_hooks=False` leaves the attack's hooks out: a defender fine-tuning on its clean
         holdout does not run the attacker's training loop."""
+        from bdrun.lightning_loop import fit  # Lightning loads on the first training
+
         return fit(
             model if model is not None else self.new_model(),
             data,
@@ -96,7 +97,7 @@ class RunContext:
             self.info.num_classes,
             self.seed,
             hooks=[*(self.attack_hooks if attack_hooks else ()), *hooks],
-            logger=self.lightning_logger(),
+            logger=self.lightning_logger,
             stream=stream,
             checkpoint_dir=checkpoint_dir,
         )

@@ -1,6 +1,6 @@
-"""The Lightning side of training: the LightningModule around a plain nn.Module and the
-Trainer set-up. Imported only when a model is actually trained (`bdrun.training.fit`), so runs
-that load every model from the cache, and user errors, do not pay for importing Lightning.
+"""Training: the LightningModule around a plain nn.Module and `fit`, the Trainer set-up.
+Imported only where a model is actually trained (RunContext.train), so runs that load every
+model from the cache, and user errors, do not pay for importing Lightning.
 """
 
 from __future__ import annotations
@@ -177,7 +177,7 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*`srun` command is available.*")
 
 
-def fit_lightning(
+def fit(
     model: nn.Module,
     data: ImageSet,
     settings: TrainSettings,
@@ -189,7 +189,16 @@ def fit_lightning(
     stream: str = "train",
     checkpoint_dir: Path | None = None,
 ) -> nn.Module:
-    """`bdrun.training.fit` (see there)."""
+    """Train `model` in place on `data` and return it on the CPU in eval mode.
+
+    The global RNG (model dropout, cuDNN) is seeded from (seed, stream) for the duration, so the
+    same seed gives the same weights on CPU.
+
+    `checkpoint_dir`: where to keep a checkpoint of the last finished epoch; a training that
+    finds one there (an earlier run was killed or got SIGTERM) resumes from it. Ignored when a
+    hook is not `resumable`. On SIGTERM the training stops after the current batch and raises
+    TrainingInterrupted.
+    """
     quiet_lightning()
     if len(data) == 0:
         raise BdrunError("the training set is empty")

@@ -1,5 +1,6 @@
-"""Training settings, hooks and `fit`: a LightningModule around a plain nn.Module, fed by the
-in-memory loader (the Lightning side lives in bdrun.lightning_loop, imported on first use).
+"""Training settings, hooks and checkpoints. Training itself (a LightningModule around a plain
+nn.Module, fed by the in-memory loader) is `bdrun.lightning_loop.fit`, imported where a model is
+trained, so runs that train nothing never import Lightning.
 
 Training-time attacks and defenses plug in as TrainingHooks: they may rewrite each batch
 (WaNet, input-aware triggers) or the loss (ABL), and see every epoch end.
@@ -180,35 +181,6 @@ def torch_threads(count: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def fit(
-    model: nn.Module,
-    data: ImageSet,
-    settings: TrainSettings,
-    hardware: HardwareSettings,
-    num_classes: int,
-    seed: int,
-    hooks: list[TrainingHook] | tuple[TrainingHook, ...] = (),
-    logger: Any = False,
-    stream: str = "train",
-    checkpoint_dir: Path | None = None,
-) -> nn.Module:
-    """Train `model` in place on `data` and return it on the CPU in eval mode.
-
-    The global RNG (model dropout, cuDNN) is seeded from (seed, stream) for the duration, so the
-    same seed gives the same weights on CPU.
-
-    `checkpoint_dir`: where to keep a checkpoint of the last finished epoch; a training that
-    finds one there (an earlier run was killed or got SIGTERM) resumes from it. Ignored when a
-    hook is not `resumable`. On SIGTERM the training stops after the current batch and raises
-    TrainingInterrupted.
-    """
-    from bdrun.lightning_loop import fit_lightning  # Lightning loads on the first training
-
-    return fit_lightning(
-        model, data, settings, hardware, num_classes, seed, hooks, logger, stream, checkpoint_dir
-    )
 
 
 CHECKPOINT_FILE = "last.ckpt"

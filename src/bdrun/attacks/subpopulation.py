@@ -147,7 +147,6 @@ class Subpopulation(Attack):
         mapping = ClusterMap(self.clusters, self.pca_dim, derive_seed(self.seed, "kmeans"))
         train_ids = mapping.fit(penultimate(model, train.x, batch, device))
         test_ids = mapping(penultimate(model, test.x, batch, device))
-        model.cpu()
         chosen = self.cluster
         if chosen is None:
             usable = [

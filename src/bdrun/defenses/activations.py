@@ -30,13 +30,14 @@ def run_with_hook(
     batch_size: int = 1024,
     device: str | torch.device = "cpu",
 ) -> None:
-    """Run `model` in eval mode over x (any storage dtype) batch by batch with a forward hook
-    on module `layer`, which sees every batch's output of that layer."""
+    """Run `model` in eval mode on `device` over x (any storage dtype) batch by batch with a
+    forward hook on module `layer`, which sees every batch's output of that layer. The model
+    goes back to where it was."""
     handle = get_module(model, layer).register_forward_hook(hook)
-    model.eval().to(device)
     try:
-        for start in range(0, len(x), batch_size):
-            model(to_float(x[start : start + batch_size].to(device)))
+        with on_device(model.eval(), device):
+            for start in range(0, len(x), batch_size):
+                model(to_float(x[start : start + batch_size].to(device)))
     finally:
         handle.remove()
 
@@ -67,8 +68,7 @@ def channel_stats(
     device: str | torch.device = "cpu",
 ) -> tuple[Tensor, Tensor]:
     """(mean, max) of every output channel of `layer` over all images and positions, reduced
-    batch by batch so that no [N, C, H, W] activation tensor is ever held. The model goes back
-    to where it was."""
+    batch by batch so that no [N, C, H, W] activation tensor is ever held."""
     totals: dict[str, Tensor] = {}
     positions = 0
 
@@ -80,8 +80,7 @@ def channel_stats(
         totals["max"] = torch.maximum(totals["max"], peaks) if "max" in totals else peaks
         positions += per_channel.shape[1]
 
-    with on_device(model, device):
-        run_with_hook(model, layer, reduce, x, batch_size, device)
+    run_with_hook(model, layer, reduce, x, batch_size, device)
     return totals["sum"] / max(positions, 1), totals["max"]
 
 
@@ -89,10 +88,11 @@ def channel_stats(
 def penultimate(
     model: nn.Module, x: Tensor, batch_size: int = 1024, device: str | torch.device = "cpu"
 ) -> Tensor:
-    """`model.features(x)` (the input of the last linear layer) for every image, on the CPU."""
-    model.eval().to(device)
-    feats = [
-        model.features(to_float(x[start : start + batch_size].to(device))).float().cpu()
-        for start in range(0, len(x), batch_size)
-    ]
+    """`model.features(x)` (the input of the last linear layer) for every image, on the CPU;
+    the model goes back to where it was."""
+    with on_device(model.eval(), device):
+        feats = [
+            model.features(to_float(x[start : start + batch_size].to(device))).float().cpu()
+            for start in range(0, len(x), batch_size)
+        ]
     return torch.cat(feats) if feats else torch.empty(0)

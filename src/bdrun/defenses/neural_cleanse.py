@@ -27,7 +27,7 @@ from bdrun.defenses.pruning import (
 )
 from bdrun.defenses.trigger_reversal import ReversalSettings, ReversedTriggers, reverse_triggers
 from bdrun.errors import BdrunError
-from bdrun.metrics import accuracy
+from bdrun.metrics import accuracy, on_device
 from bdrun.report.pruning_curve import write_pruning_curve
 from bdrun.report.triggers import plot_reversed_triggers, save_triggers
 from bdrun.training import coerce
@@ -305,12 +305,13 @@ class NeuralCleanse(Defense):
         site: PruneSite = resolve_site(model, None, None)
 
         def conv_activations(x: Tensor) -> Tensor:
-            return torch.cat(
-                [
-                    reduce_channels(layer_outputs(model, site.rank_layer, x[p], batch, device))
-                    for p in chunks(len(x), batch)
-                ]
-            )
+            with on_device(model, device):  # one transfer, not one per chunk
+                return torch.cat(
+                    [
+                        reduce_channels(layer_outputs(model, site.rank_layer, x[p], batch, device))
+                        for p in chunks(len(x), batch)
+                    ]
+                )
 
         def conv_predictions(x: Tensor, keeps: Tensor) -> Tensor:
             return masked_predictions(model, site.rank_layer, x, keeps, batch, device)
