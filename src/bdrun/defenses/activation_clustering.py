@@ -14,9 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from bdrun.data.base import ImageSet
 from bdrun.defenses.activations import penultimate
 from bdrun.defenses.base import Defense
 from bdrun.defenses.detection import per_class_rows, removal_metrics
@@ -25,6 +24,7 @@ from bdrun.rng import derive_seed
 
 if TYPE_CHECKING:
     from bdrun.context import RunContext
+    from bdrun.state import RunData
 
 log = logging.getLogger(__name__)
 
@@ -131,14 +131,14 @@ class ActivationClustering(Defense):
         score = silhouette_score(reduced, assigned, sample_size=sample, random_state=seed)
         return [smaller] if score > self.silhouette_threshold else []
 
-    def inspect_data(self, data: ImageSet, ctx: RunContext) -> Tensor:
+    def inspect_data(self, model: nn.Module, data: RunData, ctx: RunContext) -> Tensor:
         from sklearn.cluster import KMeans
 
-        model = ctx.poisoned_model()
+        holdout, data = data.holdout, data.train
         batch = ctx.settings.eval_batch_size
         feats = penultimate(model, data.x, batch, ctx.device).double().numpy()
-        reference = penultimate(model, ctx.holdout.x, batch, ctx.device).double().numpy()
-        labels, reference_labels = data.y.numpy(), ctx.holdout.y.numpy()
+        reference = penultimate(model, holdout.x, batch, ctx.device).double().numpy()
+        labels, reference_labels = data.y.numpy(), holdout.y.numpy()
         seed = derive_seed(ctx.seed, "activation-clustering") % (2**31 - 1)
         removed = np.zeros(len(data), dtype=bool)
         for label in np.unique(labels):
