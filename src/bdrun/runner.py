@@ -32,7 +32,7 @@ from bdrun.export import export_run
 from bdrun.loggers import make_logger
 from bdrun.models.base import check_fits
 from bdrun.results import RESULTS_FILE, version_string, write_json_atomic
-from bdrun.rng import generator, seeded_global
+from bdrun.rng import generator, run_seed, seeded_global
 from bdrun.training import HardwareSettings, TrainSettings, torch_threads
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ class Prepared:
 
 def prepare(cfg: DictConfig, run_dir: Path) -> Prepared:
     """Load data, build the attack, model factory, defenses and context, and poison the data."""
-    seed = int(cfg.seed)
+    seed = run_seed(cfg.seed)
     settings = TrainSettings.from_config(OmegaConf.to_container(cfg.train, resolve=True))
     hardware = HardwareSettings.from_config(OmegaConf.to_container(cfg.trainer, resolve=True))
     hardware.device()  # fail early when trainer=gpu has no GPU
