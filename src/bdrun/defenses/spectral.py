@@ -19,6 +19,7 @@ from bdrun.defenses.activations import penultimate
 from bdrun.defenses.base import Defense
 from bdrun.defenses.detection import per_class_rows, removal_metrics
 from bdrun.errors import BdrunError
+from bdrun.training import coerce
 
 if TYPE_CHECKING:
     from bdrun.context import RunContext
@@ -27,27 +28,6 @@ log = logging.getLogger(__name__)
 
 CENTRES = ("holdout", "class")
 SCOPES = ("global", "per_class")
-
-
-FALLBACK_RATE = 0.1
-
-
-def expected_poison_rate(configured: float | None, ctx: RunContext) -> float:
-    """The defender's assumed poison rate: the configured one, else the attack's own rate, else
-    0.1 (an attack that poisons nothing here, such as a model trained elsewhere)."""
-    if configured is not None:
-        rate = float(configured)
-        if not 0 < rate <= 1:
-            raise BdrunError(f"defense.expected_poison_rate={rate} must be in (0, 1]")
-        return rate
-    rate = float(getattr(ctx.attack, "poison_rate", 0.0) or 0.0)
-    if 0 < rate <= 1:
-        return rate
-    log.warning(
-        "the attack states no poison rate; assuming %s (set defense.expected_poison_rate)",
-        FALLBACK_RATE,
-    )
-    return FALLBACK_RATE
 
 
 def outlier_scores(
@@ -98,8 +78,11 @@ class SpectralSignatures(Defense):
 
     Parameters:
         removal_factor: remove this multiple of the expected poison count (1.5, Algorithm 1).
-        expected_poison_rate: the defender's upper bound on the poisoned share of the training
-            set (Tran et al.'s epsilon, assumed known); null takes the attack's poison_rate.
+        expected_poison_rate: the defender's assumed upper bound on the poisoned share of the
+            training set (Tran et al.'s epsilon). A defense parameter, not read from the attack:
+            the defender does not know the attack. 0.1 equals the poison rate of most attacks'
+            defaults (BadNets, Blend, WaNet); SIG and clean-label poison 0.05, so the default
+            removes twice their poison count.
         centre: "holdout" (default) measures scores from the class mean of the clean holdout;
             "class" from the mean of the class's training samples, as in the paper. When poisons
             make up about half of the target class (BadNets at 10 % of all samples), the class mean
@@ -116,7 +99,7 @@ class SpectralSignatures(Defense):
     def __init__(
         self,
         removal_factor: float = 1.5,
-        expected_poison_rate: float | None = None,
+        expected_poison_rate: float = 0.1,
         centre: str = "holdout",
         scope: str = "global",
         min_holdout_per_class: int = 10,
@@ -127,8 +110,11 @@ class SpectralSignatures(Defense):
             raise BdrunError(f"defense.centre={centre!r} must be one of {', '.join(CENTRES)}")
         if scope not in SCOPES:
             raise BdrunError(f"defense.scope={scope!r} must be one of {', '.join(SCOPES)}")
+        rate = coerce(expected_poison_rate, "float", "defense.expected_poison_rate")
+        if not 0 < rate <= 1:
+            raise BdrunError(f"defense.expected_poison_rate={rate} must be in (0, 1], e.g. 0.1")
         self.removal_factor = float(removal_factor)
-        self.expected_poison_rate = expected_poison_rate
+        self.expected_poison_rate = rate
         self.centre = centre
         self.scope = scope
         self.min_holdout_per_class = int(min_holdout_per_class)
@@ -142,7 +128,7 @@ class SpectralSignatures(Defense):
         scores = outlier_scores(
             feats, data.y, reference, ctx.holdout.y, self.centre, self.min_holdout_per_class
         )
-        share = min(self.removal_factor * expected_poison_rate(self.expected_poison_rate, ctx), 1.0)
+        share = min(self.removal_factor * self.expected_poison_rate, 1.0)
         if self.scope == "global":
             removed = torch.zeros(len(data), dtype=torch.bool)
             removed[scores.topk(min(round(share * len(data)), len(data))).indices] = True
