@@ -152,9 +152,9 @@ def bad_inputs(tmp_path: Path, server_url: str) -> dict[str, tuple[list[str], st
             "checksum mismatch",
         ),
         "no gpu": (["trainer=gpu"], "no CUDA device"),
-        "seed text": (["seed=abc"], "seed=abc must be an integer, e.g. seed=0"),
+        "seed text": (["seed=abc"], "seed='abc' must be an integer, e.g. seed=0"),
         "seed float": (["seed=1.5"], "seed=1.5 must be an integer, e.g. seed=0"),
-        "seed null": (["seed=null"], "seed=null must be an integer, e.g. seed=0"),
+        "seed null": (["seed=null"], "seed=None must be an integer, e.g. seed=0"),
     }
 
 
@@ -197,11 +197,17 @@ def test_user_errors_end_in_one_line_and_leave_nothing(tmp_path, case):
 
 def test_run_seed_takes_integers_only():
     from bdrun.errors import BdrunError
-    from bdrun.rng import run_seed
+    from bdrun.training import run_seed
 
     # negative seeds are fine: they reach torch and sklearn only through derive_seed
-    assert [run_seed(v) for v in (0, -1, 2**40, "7", " 12 ")] == [0, -1, 2**40, 7, 12]
-    for value, shown in ((True, "true"), (1.0, "1.0"), ("", ""), ("0x10", "0x10"), ([1], "[1]")):
+    assert [run_seed(v) for v in (0, -1, 2**40, "7", 3.0)] == [0, -1, 2**40, 7, 3]
+    for value, shown in (
+        (True, "True"),
+        (1.5, "1.5"),
+        ("", "''"),
+        ("0x10", "'0x10'"),
+        ([1], "[1]"),
+    ):
         with pytest.raises(BdrunError, match=rf"^seed={re.escape(shown)} must be an integer"):
             run_seed(value)
 

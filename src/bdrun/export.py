@@ -25,7 +25,7 @@ from bdrun import __version__
 from bdrun.errors import BdrunError
 from bdrun.fs import atomic_dir
 from bdrun.metrics import predict
-from bdrun.rng import run_seed
+from bdrun.training import run_seed
 
 FORMAT = "bdrun-model/1"
 DESCRIPTION_FILE = "model.json"

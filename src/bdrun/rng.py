@@ -6,29 +6,9 @@ does not shift the numbers of another.
 
 import contextlib
 import hashlib
-import re
 from collections.abc import Iterator
-from typing import Any
 
 import torch
-
-from bdrun.errors import BdrunError
-
-
-def run_seed(value: Any) -> int:
-    """The run's `seed` as an int; anything but an integer is a user error.
-
-    Any integer works, negative ones too: seeds only reach torch and sklearn through
-    `derive_seed`, which maps them to [0, 2**63). A string holding an integer is accepted because
-    `${oc.env:SEED}` yields one; floats are refused rather than truncated (seed=1.5 would
-    silently repeat seed=1).
-    """
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip()):
-        return int(value)
-    shown = "null" if value is None else str(value).lower() if isinstance(value, bool) else value
-    raise BdrunError(f"seed={shown} must be an integer, e.g. seed=0")
 
 
 def derive_seed(seed: int, stream: str) -> int:

@@ -32,8 +32,8 @@ from bdrun.export import export_run
 from bdrun.loggers import make_logger
 from bdrun.models.base import check_fits
 from bdrun.results import RESULTS_FILE, version_string, write_json_atomic
-from bdrun.rng import generator, run_seed, seeded_global
-from bdrun.training import HardwareSettings, TrainSettings, torch_threads
+from bdrun.rng import generator, seeded_global
+from bdrun.training import HardwareSettings, TrainSettings, run_seed, torch_threads
 
 log = logging.getLogger(__name__)
 
