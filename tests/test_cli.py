@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import h5py
@@ -151,6 +152,9 @@ def bad_inputs(tmp_path: Path, server_url: str) -> dict[str, tuple[list[str], st
             "checksum mismatch",
         ),
         "no gpu": (["trainer=gpu"], "no CUDA device"),
+        "seed text": (["seed=abc"], "seed='abc' must be an integer, e.g. seed=0"),
+        "seed float": (["seed=1.5"], "seed=1.5 must be an integer, e.g. seed=0"),
+        "seed null": (["seed=null"], "seed=None must be an integer, e.g. seed=0"),
     }
 
 
@@ -167,6 +171,9 @@ def bad_inputs(tmp_path: Path, server_url: str) -> dict[str, tuple[list[str], st
         "model too big",
         "checksum",
         "no gpu",
+        "seed text",
+        "seed float",
+        "seed null",
     ],
 )
 def test_user_errors_end_in_one_line_and_leave_nothing(tmp_path, case):
@@ -186,6 +193,23 @@ def test_user_errors_end_in_one_line_and_leave_nothing(tmp_path, case):
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").iterdir())
     assert not [p for p in (tmp_path / "data").rglob("*") if p.is_file()]  # no partial download
+
+
+def test_run_seed_takes_integers_only():
+    from bdrun.errors import BdrunError
+    from bdrun.training import run_seed
+
+    # negative seeds are fine: they reach torch and sklearn only through derive_seed
+    assert [run_seed(v) for v in (0, -1, 2**40, "7", 3.0)] == [0, -1, 2**40, 7, 3]
+    for value, shown in (
+        (True, "True"),
+        (1.5, "1.5"),
+        ("", "''"),
+        ("0x10", "'0x10'"),
+        ([1], "[1]"),
+    ):
+        with pytest.raises(BdrunError, match=rf"^seed={re.escape(shown)} must be an integer"):
+            run_seed(value)
 
 
 def test_a_run_whose_model_is_cached_does_not_import_lightning(tmp_path):

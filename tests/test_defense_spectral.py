@@ -62,10 +62,32 @@ def test_top_per_class_takes_the_share_of_every_class():
     assert removed.tolist() == [False, False, True, True] + [False] * 3 + [True] * 3
 
 
-@pytest.mark.parametrize("kwargs", [{"centre": "median"}, {"scope": "all"}, {"removal_factor": 0}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"centre": "median"},
+        {"scope": "all"},
+        {"removal_factor": 0},
+        {"expected_poison_rate": 0},
+        {"expected_poison_rate": 1.5},
+        {"expected_poison_rate": None},
+        {"expected_poison_rate": "a tenth"},
+    ],
+)
 def test_bad_settings_are_user_errors(kwargs):
-    with pytest.raises(BdrunError):
+    with pytest.raises(BdrunError, match=f"defense.{next(iter(kwargs))}="):
         SpectralSignatures(**kwargs)
+
+
+def test_the_expected_poison_rate_is_the_defenders_own(tmp_path):
+    # Tran et al.'s epsilon is a defense parameter (default 0.1): an attack poisoning 5 % does
+    # not change how many samples are removed
+    results = run(
+        compose_config("defense=spectral", "attack.poison_rate=0.05", "debug=smoke", "logger=none"),
+        tmp_path,
+    )
+    n = results["poison"]["train_size"]
+    assert results["metrics"]["detection"]["removed"] == round(1.5 * 0.1 * n)
 
 
 def test_spectral_on_digits_removes_poisons_and_retrains(tmp_path):

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from bdrun.report.aggregate import collect, seed_groups, summarize, swept_parameters
+from bdrun.report.collect import collect
+from bdrun.report.summary import summarize
+from bdrun.report.table import seed_groups, swept_parameters
 
 from conftest import REPO
 
@@ -191,7 +193,7 @@ def test_failed_and_missing_jobs_are_listed(tmp_path):
 
 
 def test_swept_parameters_ignore_constants():
-    from bdrun.report.aggregate import JobRecord
+    from bdrun.report.collect import JobRecord
 
     records = [
         JobRecord("done", ["debug=smoke", "seed=0", "+defense@defense_stack.strip=strip"]),
@@ -203,7 +205,7 @@ def test_swept_parameters_ignore_constants():
 def test_bdrun_report_rebuilds_from_any_folder(tmp_path):
     fine_pruning_sweep(tmp_path / "sweep")
     result = subprocess.run(
-        [sys.executable, "-m", "bdrun.report.aggregate", str(tmp_path)],
+        [sys.executable, "-m", "bdrun.report.cli", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -217,7 +219,7 @@ def test_bdrun_report_rebuilds_from_any_folder(tmp_path):
     assert len(seed_groups(rows, ["defense.lr", "defense.prune_ratio", "seed"])) == 6
 
     empty = subprocess.run(
-        [sys.executable, "-m", "bdrun.report.aggregate", str(tmp_path / "sweep" / "0" / ".hydra")],
+        [sys.executable, "-m", "bdrun.report.cli", str(tmp_path / "sweep" / "0" / ".hydra")],
         capture_output=True,
         text=True,
         timeout=120,
@@ -227,4 +229,4 @@ def test_bdrun_report_rebuilds_from_any_folder(tmp_path):
 
 def test_bdrun_report_is_a_console_script():
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["bdrun-report"] == "bdrun.report.aggregate:main"
+    assert scripts["bdrun-report"] == "bdrun.report.cli:main"

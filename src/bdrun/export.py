@@ -25,6 +25,7 @@ from bdrun import __version__
 from bdrun.errors import BdrunError
 from bdrun.fs import atomic_dir
 from bdrun.metrics import predict
+from bdrun.training import run_seed
 
 FORMAT = "bdrun-model/1"
 DESCRIPTION_FILE = "model.json"
@@ -270,7 +271,7 @@ def export_run(
     options = {k: v for k, v in node.items() if k not in ("_target_", "name")}
     # how the user's files map to [0, 1]: the h5 source's setting, else 8-bit images
     divide_by = (cfg.dataset.get("source") or {}).get("divide_by", 255.0)
-    extra = {**names, "run_dir": str(run_dir), "seed": int(cfg.seed)}
+    extra = {**names, "run_dir": str(run_dir), "seed": run_seed(cfg.seed)}
     artifacts: dict[str, Any] = {}
     jobs = []
     if after is not before:

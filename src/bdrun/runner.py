@@ -38,7 +38,7 @@ from bdrun.models.base import check_fits
 from bdrun.results import RESULTS_FILE, version_string, write_json_atomic
 from bdrun.rng import seeded_global
 from bdrun.state import RunData
-from bdrun.training import HardwareSettings, TrainSettings, torch_threads
+from bdrun.training import HardwareSettings, TrainSettings, run_seed, torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ def scorer_for(attack: Attack, data: RunData, ctx: RunContext) -> Scorer:
 
 def setup(cfg: DictConfig, run_dir: Path) -> Setup:
     """Load the data and build the attack, the model factory, the defenses and the tools."""
-    seed = int(cfg.seed)
+    seed = run_seed(cfg.seed)
     settings = TrainSettings.from_config(OmegaConf.to_container(cfg.train, resolve=True))
     hardware = HardwareSettings.from_config(OmegaConf.to_container(cfg.trainer, resolve=True))
     hardware.device()  # fail early when trainer=gpu has no GPU

@@ -44,6 +44,18 @@ def coerce(value: Any, type_name: str, name: str) -> Any:
     return kind(number)
 
 
+def run_seed(value: Any) -> int:
+    """The run's `seed` as an int; anything but an integer is a user error.
+
+    Any integer works, negative ones too: seeds only reach torch and sklearn through
+    bdrun.rng.derive_seed, which maps them to [0, 2**63).
+    """
+    try:
+        return coerce(value, "int", "seed")
+    except BdrunError as err:
+        raise BdrunError(f"{err}, e.g. seed=0") from None
+
+
 @dataclass
 class TrainSettings:
     """Optimisation settings (the `train` config node)."""

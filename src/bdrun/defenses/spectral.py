@@ -18,6 +18,7 @@ from bdrun.defenses.activations import penultimate
 from bdrun.defenses.base import Defense
 from bdrun.defenses.detection import per_class_rows, removal_metrics
 from bdrun.errors import BdrunError
+from bdrun.training import coerce
 
 if TYPE_CHECKING:
     from bdrun.context import RunContext
@@ -77,9 +78,11 @@ class SpectralSignatures(Defense):
 
     Parameters:
         removal_factor: remove this multiple of the expected poison count (1.5, Algorithm 1).
-        expected_poison_rate: the defender's upper bound on the poisoned share of the training
-            set (Tran et al.'s epsilon, assumed known to the defender; 0.1, the default attacks'
-            rate). A defense parameter: the defender never reads the attack's settings.
+        expected_poison_rate: the defender's assumed upper bound on the poisoned share of the
+            training set (Tran et al.'s epsilon). A defense parameter, not read from the attack:
+            the defender does not know the attack. 0.1 equals the poison rate of most attacks'
+            defaults (BadNets, Blend, WaNet); SIG and clean-label poison 0.05, so the default
+            removes twice their poison count.
         centre: "holdout" (default) measures scores from the class mean of the clean holdout;
             "class" from the mean of the class's training samples, as in the paper. When poisons
             make up about half of the target class (BadNets at 10 % of all samples), the class mean
@@ -103,16 +106,15 @@ class SpectralSignatures(Defense):
     ) -> None:
         if float(removal_factor) <= 0:
             raise BdrunError(f"defense.removal_factor={removal_factor} must be > 0")
-        if not 0 < float(expected_poison_rate) <= 1:
-            raise BdrunError(
-                f"defense.expected_poison_rate={expected_poison_rate} must be in (0, 1], e.g. 0.1"
-            )
         if centre not in CENTRES:
             raise BdrunError(f"defense.centre={centre!r} must be one of {', '.join(CENTRES)}")
         if scope not in SCOPES:
             raise BdrunError(f"defense.scope={scope!r} must be one of {', '.join(SCOPES)}")
+        rate = coerce(expected_poison_rate, "float", "defense.expected_poison_rate")
+        if not 0 < rate <= 1:
+            raise BdrunError(f"defense.expected_poison_rate={rate} must be in (0, 1], e.g. 0.1")
         self.removal_factor = float(removal_factor)
-        self.expected_poison_rate = float(expected_poison_rate)
+        self.expected_poison_rate = rate
         self.centre = centre
         self.scope = scope
         self.min_holdout_per_class = int(min_holdout_per_class)

@@ -1,4 +1,4 @@
-"""The rich summary printed at the end of every run."""
+"""The rich summaries printed at the end of every run and of every sweep."""
 
 from __future__ import annotations
 
@@ -7,6 +7,11 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+
+from bdrun.report.collect import Summary
+from bdrun.report.markdown import pct_pm
+from bdrun.report.summary import SUMMARY_MD
+from bdrun.report.table import MAIN_METRICS, job_row, seed_groups
 
 ROWS = (("cca", "CCA (clean acc.)"), ("asr", "ASR (attack success)"), ("ra", "RA (robust acc.)"))
 
@@ -50,3 +55,33 @@ def print_summary(results: dict[str, Any], run_dir: Path, console: Console | Non
         f"  |  model cache: {results['cache']['model']}"
     )
     console.print(f"run folder: {run_dir}", soft_wrap=True)
+
+
+def print_sweep(summary: Summary, console: Console | None = None) -> None:
+    """A short console table of the sweep (done rows, seeds averaged) and where the files are."""
+    console = console or Console()
+    rows = [job_row(r, summary.swept) for r in summary.records]
+    groups = seed_groups(rows, summary.swept)
+    keys = [k for k in summary.swept if k != "seed"]
+    table = Table(
+        title=f"{len(summary.done)} of {len(summary.records)} jobs done", title_justify="left"
+    )
+    for key in [*keys, "n", "CCA after", "ASR after", "RA after"]:
+        table.add_column(key, justify="left" if key in keys else "right")
+    if not groups:
+        console.print(f"{len(summary.done)} of {len(summary.records)} jobs done")
+        console.print(f"summary: {summary.root / SUMMARY_MD}", soft_wrap=True)
+        return
+    for group in groups[:40]:
+        table.add_row(
+            *(str(group.get(k, "")) for k in keys),
+            str(group["n"]),
+            *(
+                pct_pm(group.get(f"after_{m}_mean"), group.get(f"after_{m}_std"))
+                for m in MAIN_METRICS
+            ),
+        )
+    if len(groups) > 40:
+        table.caption = f"{len(groups) - 40} more rows in summary.md"
+    console.print(table)
+    console.print(f"summary: {summary.root / SUMMARY_MD}", soft_wrap=True)

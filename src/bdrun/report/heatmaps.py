@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import itertools
+import logging
 import math
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from bdrun.report.plots import figure, save
+from bdrun.report.table import sort_key
+
+log = logging.getLogger(__name__)
+
+MAX_HEATMAPS = 48  # a sweep over many parameters would otherwise write hundreds of figures
 
 
 def heatmap(
@@ -55,3 +64,63 @@ def heatmap(
             ax.text(j, i, text, ha="center", va="center", fontsize=8,
                     color="black" if value > middle else "white")  # fmt: skip
     return save(fig, path)
+
+
+def _grid_value(groups: list[dict[str, Any]], fixed: dict[str, str], metric: str) -> float | None:
+    """Mean of `metric` over the groups matching `fixed` (several groups: their mean)."""
+    values = [
+        g[f"{metric}_mean"]
+        for g in groups
+        if all(str(g.get(k, "")) == v for k, v in fixed.items())
+        and g.get(f"{metric}_mean") is not None
+    ]
+    return statistics.fmean(values) if values else None
+
+
+def _safe(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in text)[:80]
+
+
+def heatmap_figures(groups: list[dict[str, Any]], swept: Sequence[str], folder: Path) -> list[Path]:
+    """CCA and ASR after the defense over every pair of swept parameters (seeds averaged, the
+    groups of bdrun.report.table.seed_groups); one figure per combination of the other swept
+    parameters."""
+    params = [k for k in swept if k != "seed"]
+    values = {k: sorted({str(g.get(k, "")) for g in groups}, key=sort_key) for k in params}
+    paths: list[Path] = []
+    for row_key, col_key in itertools.combinations(params, 2):
+        rest = [k for k in params if k not in (row_key, col_key)]
+        for rest_values in itertools.product(*(values[k] for k in rest)):
+            fixed_rest = dict(zip(rest, rest_values, strict=True))
+            if not any(all(str(g.get(k, "")) == v for k, v in fixed_rest.items()) for g in groups):
+                continue
+            suffix = "".join(f"__{_safe(k)}={_safe(v)}" for k, v in fixed_rest.items())
+            for metric, label, cmap in (
+                ("after_cca", "CCA after", "viridis"),
+                ("after_asr", "ASR after", "magma"),
+            ):
+                if len(paths) >= MAX_HEATMAPS:
+                    log.warning("heatmaps capped at %d figures", MAX_HEATMAPS)
+                    return paths
+                grid = [
+                    [
+                        _grid_value(groups, {row_key: r, col_key: c, **fixed_rest}, metric)
+                        for c in values[col_key]
+                    ]
+                    for r in values[row_key]
+                ]
+                title = label + "".join(f", {k}={v}" for k, v in fixed_rest.items())
+                name = f"heatmap_{metric.removeprefix('after_')}_{_safe(row_key)}_x_{_safe(col_key)}{suffix}.png"
+                paths.append(
+                    heatmap(
+                        grid,
+                        values[row_key],
+                        values[col_key],
+                        row_key,
+                        col_key,
+                        title,
+                        folder / name,
+                        cmap=cmap,
+                    )  # fmt: skip
+                )
+    return paths

@@ -2,7 +2,7 @@
 
 conf/config.yaml registers `SweepSummary` under hydra.callbacks. When the sweep starts it notes
 the sweep folder and the job list; when it ends it writes summary.csv, summary.md and figures/
-(bdrun.report.aggregate), prints a short table and, with logger=wandb, logs the summary table
+(bdrun.report.summary), prints a short table and, with logger=wandb, logs the summary table
 and heatmaps to a "summary" run in the sweep's wandb group. The CLI then reads `STATE` to end a
 sweep with failed jobs in one clear error and a non-zero exit status.
 """
@@ -22,7 +22,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from bdrun.report.aggregate import ERROR_FILE, WANDB_SUMMARY_DIR, Summary, print_sweep, summarize
+from bdrun.report.collect import ERROR_FILE, WANDB_SUMMARY_DIR, Summary
+from bdrun.report.summary import summarize
 from bdrun.results import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,8 @@ def finish_sweep() -> Summary | None:
     if STATE.slurm:
         annotate_slurm_states(summary)
     if summary.records:
+        from bdrun.report.console import print_sweep  # rich: only when a sweep has jobs
+
         print_sweep(summary)
         log_to_wandb(summary)
     return summary
@@ -209,6 +212,6 @@ def log_to_wandb(summary: Summary) -> None:
 
 
 def _table_rows(summary: Summary) -> list[dict[str, Any]]:
-    from bdrun.report.aggregate import job_row
+    from bdrun.report.table import job_row
 
     return [job_row(r, summary.swept) for r in summary.records]
