@@ -311,12 +311,13 @@ class AntiBackdoorLearning(Defense):
         self._report["isolated_top_label_share"] = share
         log.info("ABL isolated %d samples: %s", int(isolated.sum()), self._report)
         if share < 0.9:
-            log.warning(
-                "ABL: the isolated samples spread over several labels (the most common holds "
-                "%.0f %%); against an all-to-one or clean-label attack the isolation likely caught "
-                "easy clean samples, and unlearning them costs clean accuracy",
-                100 * share,
+            warning = (
+                f"ABL: the isolated samples spread over several labels (the most common holds "
+                f"{100 * share:.0f} %); against an all-to-one or clean-label attack the isolation "
+                f"likely caught easy clean samples, and unlearning them costs clean accuracy"
             )
+            log.warning(warning)
+            self._report["warnings"] = [warning]  # printed under the run's summary table
         assert self._isolation_model is not None
         model = copy.deepcopy(self._isolation_model)  # the cached isolation model stays as is
         epochs = ctx.settings.epochs if self.finetune_epochs is None else self.finetune_epochs

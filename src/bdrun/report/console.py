@@ -49,6 +49,8 @@ def print_summary(results: dict[str, Any], run_dir: Path, console: Console | Non
             if not isinstance(v, list | dict)
         )
         console.print(f"detection: {shown}")
+        for warning in detection.get("warnings", []):
+            console.print(f"warning: {warning}", soft_wrap=True, markup=False)
     timing = results["timing"]
     console.print(
         f"time: train {timing['train_s']:.1f}s, defense {timing['defense_s']:.1f}s, total {timing['total_s']:.1f}s"
