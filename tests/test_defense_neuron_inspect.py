@@ -145,7 +145,29 @@ def fashion_mnist(tmp_path: Path, *overrides: str) -> dict:
     return run(cfg, tmp_path)
 
 
-slow_fmnist = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not FMNIST.is_dir(), reason="apt-get install dataset-fashion-mnist"),
-]
+def slow_fmnist(test):
+    """Slow, and skipped without Debian's dataset-fashion-mnist; reuses the cached models."""
+    skip = pytest.mark.skipif(not FMNIST.is_dir(), reason="apt-get install dataset-fashion-mnist")
+    return pytest.mark.slow(skip(test))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="measured 2026-12-02 on the cached FMNIST BadNets 10 % model: target 0 has the most "
+    "persistent heatmaps (inconsistency index 2.3-2.7) but its mean heatmap is not sparser or "
+    "smoother than the others' (sparseness index 1.6, smoothness 0.7): combined index 1.40 < 2",
+)
+@slow_fmnist
+def test_neuron_inspect_flags_the_fmnist_badnets_target(tmp_path):
+    results = fashion_mnist(tmp_path, "attack=badnets", "defense=neuron_inspect")
+    detection = results["metrics"]["detection"]
+    print(detection["anomaly_index"], detection["feature_anomaly_index"])
+    assert detection["model_flagged"] and 0 in detection["flagged_labels"]
+
+
+@slow_fmnist
+def test_neuron_inspect_flags_nothing_on_a_clean_fmnist_model(tmp_path):
+    results = fashion_mnist(tmp_path, "attack=none", "defense=neuron_inspect")
+    detection = results["metrics"]["detection"]
+    print(detection["anomaly_index"])
+    assert not detection["model_flagged"] and detection["flagged_labels"] == []

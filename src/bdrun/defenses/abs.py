@@ -20,7 +20,8 @@ abs.py) where the authors' CIFAR settings are only in their binary.
    `top_n_neurons` (10) best, at most `per_label` (1) per label, go on.
 4. Reverse engineering (reverse_engineer / loss_fn): a mask (tanh-bounded, starting as a small
    square in the middle) and a pattern are optimised with Adam (`lr` 0.1, `steps` 1000) on the
-   seeds to maximise the candidate's activation (pre-activation plus its ReLU) while keeping the
+   seeds to maximise the candidate's activation (its value before the activation function plus
+   after it: when `layer` is an activation module, its input and output) while keeping the
    layer's other neurons low (weight 1e-4), with a mask-size penalty: 0.01 x sum(mask) while at
    most `max_trigger_size` of the pixels exceed `mask_epsilon` (config.json: 64 of 32 x 32 =
    6.25 %), `mask_weight` (500, TrojanZoo) x sum(mask) above it, twice that above 1.2 x. The
@@ -62,6 +63,7 @@ if TYPE_CHECKING:
     from bdrun.data.base import ImageSet
 
 OTHER_NEURONS_WEIGHT = 1e-4  # the authors' weight on the layer's other neurons (loss_fn)
+ACTIVATIONS = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.ReLU6)
 
 
 @dataclass
@@ -221,10 +223,14 @@ def reverse_neuron_triggers(
     active = torch.ones(k, dtype=torch.bool)
     captured: list[Tensor] = []
 
-    def capture(_module: nn.Module, _inputs: object, out: Tensor) -> None:
-        captured.append(out)
+    module = get_module(model, layer)
+    activation = isinstance(module, ACTIVATIONS)
 
-    handle = get_module(model, layer).register_forward_hook(capture)
+    def capture(_module: nn.Module, inputs: tuple[Tensor, ...], out: Tensor) -> None:
+        # the authors' inner_outputs_b: before the activation (a dead ReLU passes no gradient)
+        captured.append(inputs[0] if activation else out)
+
+    handle = module.register_forward_hook(capture)
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:  # only the trigger is optimised
         p.requires_grad_(False)
@@ -244,7 +250,7 @@ def reverse_neuron_triggers(
                 captured.clear()
                 logits = model(stamped.flatten(0, 1)).view(k, len(batch), -1)
                 feats = captured[0].reshape(k, len(batch), captured[0].shape[1], -1)
-                feats = feats + F.relu(feats)  # pre-activation plus its ReLU (loss_fn)
+                feats = feats + F.relu(feats)  # inner_outputs_b + inner_outputs_a (loss_fn)
                 chosen = feats[pick, :, neurons_dev].sum((1, 2))  # [K]
                 rest = (feats.sum((1, 2, 3)) - chosen) / max(feats.shape[2] - 1, 1)
                 label_logit = logits[pick, :, labels_dev].sum(1)
