@@ -1,4 +1,5 @@
-"""Images of Neural Cleanse's reversed triggers: mask and masked pattern per label."""
+"""Images of the model inspectors: reversed triggers (Neural Cleanse, ABS) as mask and masked
+pattern per label, and NeuronInspect's mean saliency heatmap per label."""
 
 from __future__ import annotations
 
@@ -27,10 +28,16 @@ def plot_reversed_triggers(
     flagged: Sequence[int],
     path: Path,
     max_labels: int = 20,
+    title: str = "Neural Cleanse reversed triggers (smallest L1 first; red = flagged)",
+    score_name: str = "AI",
+    order: Sequence[int] | None = None,
 ) -> Path:
-    """A grid, one column per label (the `max_labels` smallest masks first): the mask on top,
-    mask * pattern (what gets stamped) below; flagged labels are titled in red."""
-    order = sorted(range(len(labels)), key=lambda i: l1[i])[:max_labels]
+    """A grid, one column per label (the `max_labels` smallest masks first, or the columns in
+    `order`): the mask on top, mask * pattern (what gets stamped) below, titled with the label,
+    the mask's L1 norm and `score_name` (anomaly index); flagged labels are titled in red."""
+    if order is None:
+        order = sorted(range(len(labels)), key=lambda i: l1[i])
+    order = list(order)[:max_labels]
     columns = max(len(order), 1)
     fig, axes = figure(nrows=2, ncols=columns, figsize=(1.3 * columns + 0.6, 3.2), squeeze=False)
     for col, i in enumerate(order):
@@ -40,15 +47,43 @@ def plot_reversed_triggers(
         axes[1][col].imshow(_image(fusion), **(grey if fusion.shape[0] == 1 else {}))
         colour = "red" if labels[i] in flagged else "black"
         axes[0][col].set_title(
-            f"{labels[i]}\nL1 {l1[i]:.1f}\nAI {anomaly_index[i]:.2f}", fontsize=7, color=colour
+            f"{labels[i]}\nL1 {l1[i]:.1f}\n{score_name} {anomaly_index[i]:.2f}",
+            fontsize=7,
+            color=colour,
         )
         for row in (0, 1):
             axes[row][col].set_xticks([])
             axes[row][col].set_yticks([])
     axes[0][0].set_ylabel("mask", fontsize=8)
     axes[1][0].set_ylabel("mask x pattern", fontsize=8)
+    fig.suptitle(title, fontsize=9, y=1.1)
+    return save(fig, path)
+
+
+def plot_label_heatmaps(
+    heatmaps: Tensor,
+    labels: Sequence[int],
+    anomaly_index: Sequence[float],
+    flagged: Sequence[int],
+    path: Path,
+    max_labels: int = 20,
+) -> Path:
+    """One panel per label (the `max_labels` largest anomaly indices first): the label's mean
+    saliency heatmap [H, W], titled with the label and its anomaly index, red when flagged."""
+    order = sorted(range(len(labels)), key=lambda i: -anomaly_index[i])[:max_labels]
+    columns = max(len(order), 1)
+    fig, axes = figure(nrows=1, ncols=columns, figsize=(1.3 * columns + 0.6, 1.9), squeeze=False)
+    for col, i in enumerate(order):
+        axis = axes[0][col]
+        axis.imshow(heatmaps[i].detach().float().cpu(), cmap="inferno")
+        colour = "red" if labels[i] in flagged else "black"
+        axis.set_title(f"{labels[i]}\nAI {anomaly_index[i]:.2f}", fontsize=7, color=colour)
+        axis.set_xticks([])
+        axis.set_yticks([])
     fig.suptitle(
-        "Neural Cleanse reversed triggers (smallest L1 first; red = flagged)", fontsize=9, y=1.1
+        "NeuronInspect mean saliency per label (largest anomaly index first; red = flagged)",
+        fontsize=9,
+        y=1.15,
     )
     return save(fig, path)
 

@@ -1,0 +1,173 @@
+"""NeuronInspect: heatmap features by hand, saliency of known models, digits and FMNIST runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from bdrun.defenses.neural_cleanse import flagged_labels, mad_anomaly_index
+from bdrun.defenses.neuron_inspect import (
+    NeuronInspect,
+    combined_feature,
+    persistence,
+    saliency_maps,
+    scale_to_max,
+    smoothness,
+    sparseness,
+    top_k_frequency,
+)
+from bdrun.errors import BdrunError
+from bdrun.runner import run
+
+from conftest import compose_config
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def test_sparseness_and_smoothness_match_a_hand_computation():
+    maps = torch.tensor([[[2.0, 0.0], [0.0, 1.0]], [[0.0, 0.0], [0.0, 0.0]]])
+    scaled = scale_to_max(maps)
+    assert scaled[0].tolist() == [[1.0, 0.0], [0.0, 0.5]]
+    assert scaled[1].abs().sum() == 0  # an all-zero map stays zero, no NaN
+    assert sparseness(scaled).tolist() == [1.5, 0.0]
+    # down: |0 - 1| + |0.5 - 0| = 1.5, right: |0 - 1| + |0.5 - 0| = 1.5
+    assert smoothness(scaled).tolist() == [3.0, 0.0]
+    # a 3x3 map with one bright centre pixel: four edges of height 1 each way
+    spot = torch.zeros(1, 3, 3)
+    spot[0, 1, 1] = 1.0
+    assert smoothness(spot).item() == 4.0
+
+
+def test_persistence_counts_how_often_pixels_are_in_the_top_k():
+    maps = torch.tensor(
+        [
+            [[4.0, 3.0], [2.0, 1.0]],  # top-2: pixels 0, 1
+            [[4.0, 1.0], [3.0, 2.0]],  # top-2: pixels 0, 2
+            [[1.0, 2.0], [3.0, 4.0]],  # top-2: pixels 3, 2
+        ]
+    )
+    assert top_k_frequency(maps, 0.5).tolist() == pytest.approx([2 / 3, 1 / 3, 2 / 3, 1 / 3])
+    # the two most frequent pixels are there 2/3 of the time
+    assert persistence(maps, 0.5) == pytest.approx(2 / 3)
+    # top-1: pixel 0, 0, 3 -> frequencies 2/3, 0, 0, 1/3
+    assert persistence(maps, 0.25) == pytest.approx(2 / 3)
+    same = maps[:1].repeat(5, 1, 1)
+    assert persistence(same, 0.5) == 1.0
+
+
+def test_combined_feature_scales_each_feature_by_its_median():
+    sparse = torch.tensor([1.0, 2.0, 4.0])
+    smooth = torch.tensor([10.0, 10.0, 30.0])
+    persist = torch.tensor([0.5, 0.75, 0.75])  # inconsistency 0.5, 0.25, 0.25 (median 0.25)
+    combined = combined_feature(sparse, smooth, persist, (1.0, 1.0, 1.0), scale=True)
+    assert combined.tolist() == pytest.approx([0.5 + 1 + 2, 1 + 1 + 1, 2 + 3 + 1])
+    raw = combined_feature(sparse, smooth, persist, (1.0, 0.0, 2.0), scale=False)
+    assert raw.tolist() == pytest.approx([2.0, 2.5, 4.5])
+
+
+def test_saliency_of_a_linear_model_is_its_weight_row():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(2 * 3 * 3, 4))
+    x = torch.rand(5, 2, 3, 3)
+    maps = saliency_maps(model, x, torch.full((5,), 2), batch_size=2)
+    expected = model[1].weight[2].detach().view(2, 3, 3).abs().amax(0)
+    assert maps.shape == (5, 3, 3)
+    assert torch.allclose(maps, expected.expand(5, 3, 3))
+
+
+class CornerBackdoor(nn.Module):
+    """A smooth-ish linear classifier on 8x8 images plus a hand-made backdoor: a 2x2 corner
+    patch pushes class `target` up strongly (its saliency sits on those 4 pixels)."""
+
+    def __init__(self, target: int = 3, classes: int = 6) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.weight = nn.Parameter(torch.rand(classes, 64, generator=g) + 0.5)
+        self.target = target
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = x.flatten(1) @ self.weight.T
+        bump = torch.zeros_like(logits)
+        bump[:, self.target] = 40 * x[:, 0, 6:8, 6:8].mean((1, 2))
+        return logits + bump
+
+
+def test_a_planted_corner_backdoor_is_the_sparse_outlier():
+    model = CornerBackdoor(target=3)
+    x = torch.rand(40, 1, 8, 8)
+    sparse = torch.zeros(6)
+    for label in range(6):
+        maps = scale_to_max(saliency_maps(model, x, torch.full((40,), label)))
+        sparse[label] = sparseness(scale_to_max(maps.mean(0)[None]))[0]
+    assert int(sparse.argmin()) == 3
+    index, _, _ = mad_anomaly_index(sparse)
+    assert flagged_labels(index, torch.arange(6)) == [3]
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"top_k": 0}, "defense.top_k=0"),
+        ({"top_k": 1.5}, "defense.top_k=1.5"),
+        ({"lambda_sm": -1}, "defense.lambda_sm=-1"),
+        ({"lambda_sp": 0, "lambda_sm": 0, "lambda_pe": 0}, "all 0"),
+        ({"features_on": "pixels"}, "defense.features_on='pixels'"),
+        ({"max_samples": 1}, "defense.max_samples=1"),
+        ({"consistency": 0}, "defense.consistency=0"),
+    ],
+)
+def test_bad_settings_are_user_errors(settings, message):
+    with pytest.raises(BdrunError, match=message):
+        NeuronInspect(**settings)
+
+
+def test_digits_run_reports_a_score_per_label_and_leaves_the_model_alone(tmp_path):
+    results = run(compose_config("defense=neuron_inspect", "logger=none"), tmp_path)
+    detection = results["metrics"]["detection"]
+    for key in ("anomaly_index", "sparseness", "smoothness", "persistence", "combined_feature"):
+        assert len(detection[key]) == 10
+    assert isinstance(detection["model_flagged"], bool)
+    assert detection["max_anomaly_index"] == max(detection["anomaly_index"])
+    assert detection["model_flagged"] == bool(detection["flagged_labels"])
+    assert all(detection["anomaly_index"][label] > 2 for label in detection["flagged_labels"])
+    assert results["metrics"]["before"] == results["metrics"]["after"]  # inspects only
+    assert (tmp_path / "neuron_inspect_heatmaps.png").stat().st_size > 0
+    json.dumps(detection)  # plain JSON, no tensors
+    # measured: the 3x3 trigger on 8x8 digits is not an outlier (label 0 index 0.74)
+    print(detection["anomaly_index"])
+
+
+def fashion_mnist(tmp_path: Path, *overrides: str) -> dict:
+    cfg = compose_config("dataset=fashion_mnist", "logger=none", *overrides)
+    return run(cfg, tmp_path)
+
+
+def slow_fmnist(test):
+    """Slow, and skipped without Debian's dataset-fashion-mnist; reuses the cached models."""
+    skip = pytest.mark.skipif(not FMNIST.is_dir(), reason="apt-get install dataset-fashion-mnist")
+    return pytest.mark.slow(skip(test))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="measured 2026-12-02 on the cached FMNIST BadNets 10 % model: target 0 has the most "
+    "persistent heatmaps (inconsistency index 2.3-2.7) but its mean heatmap is not sparser or "
+    "smoother than the others' (sparseness index 1.6, smoothness 0.7): combined index 1.40 < 2",
+)
+@slow_fmnist
+def test_neuron_inspect_flags_the_fmnist_badnets_target(tmp_path):
+    results = fashion_mnist(tmp_path, "attack=badnets", "defense=neuron_inspect")
+    detection = results["metrics"]["detection"]
+    print(detection["anomaly_index"], detection["feature_anomaly_index"])
+    assert detection["model_flagged"] and 0 in detection["flagged_labels"]
+
+
+@slow_fmnist
+def test_neuron_inspect_flags_nothing_on_a_clean_fmnist_model(tmp_path):
+    results = fashion_mnist(tmp_path, "attack=none", "defense=neuron_inspect")
+    detection = results["metrics"]["detection"]
+    print(detection["anomaly_index"])
+    assert not detection["model_flagged"] and detection["flagged_labels"] == []
