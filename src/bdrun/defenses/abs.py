@@ -61,6 +61,7 @@ from bdrun.training import coerce
 if TYPE_CHECKING:
     from bdrun.context import RunContext
     from bdrun.data.base import ImageSet
+    from bdrun.state import RunData
 
 OTHER_NEURONS_WEIGHT = 1e-4  # the authors' weight on the layer's other neurons (loss_fn)
 ACTIVATIONS = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.ReLU6)
@@ -386,10 +387,9 @@ class ABS(Defense):
         get_module(model, layer)  # a BdrunError listing layers when it does not exist
         return layer
 
-    def analyse(self, model: nn.Module, ctx: RunContext) -> None:
+    def analyse(self, model: nn.Module, holdout: ImageSet, ctx: RunContext) -> None:
         started = time.perf_counter()
         layer = self.resolve_layer(model)
-        holdout = ctx.holdout
         if len(holdout) == 0:
             raise BdrunError("the clean holdout set is empty; ABS needs clean seed images")
         classes, device = ctx.info.num_classes, ctx.device
@@ -485,8 +485,9 @@ class ABS(Defense):
             "reverse_s": time.perf_counter() - stimulated,
         }
 
-    def repair(self, model: nn.Module, ctx: RunContext) -> nn.Module:
-        self.analyse(model, ctx)
+    def repair(self, model: nn.Module, data: RunData, ctx: RunContext) -> nn.Module:
+        """Inspect the model on the clean holdout; the model itself is returned unchanged."""
+        self.analyse(model, data.holdout, ctx)
         return model
 
     def report(self) -> dict[str, Any]:

@@ -49,6 +49,8 @@ from bdrun.training import coerce
 
 if TYPE_CHECKING:
     from bdrun.context import RunContext
+    from bdrun.data.base import ImageSet
+    from bdrun.state import RunData
 
 
 def saliency_maps(
@@ -185,9 +187,8 @@ class NeuronInspect(Defense):
         self.max_images = coerce(max_images, "int", "defense.max_images")
         self.figures: dict[str, Any] = {}
 
-    def analyse(self, model: nn.Module, ctx: RunContext) -> None:
+    def analyse(self, model: nn.Module, holdout: ImageSet, ctx: RunContext) -> None:
         started = time.perf_counter()
-        holdout = ctx.holdout
         if len(holdout) < 2:
             raise BdrunError("the clean holdout set is empty; NeuronInspect needs clean images")
         x, y = holdout.x, holdout.y
@@ -252,8 +253,9 @@ class NeuronInspect(Defense):
         )
         ctx.logger.log_image("neuron_inspect_heatmaps", plot)
 
-    def repair(self, model: nn.Module, ctx: RunContext) -> nn.Module:
-        self.analyse(model, ctx)
+    def repair(self, model: nn.Module, data: RunData, ctx: RunContext) -> nn.Module:
+        """Inspect the model on the clean holdout; the model itself is returned unchanged."""
+        self.analyse(model, data.holdout, ctx)
         return model
 
     def report(self) -> dict[str, Any]:
