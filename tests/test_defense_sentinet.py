@@ -168,6 +168,7 @@ def test_sentinet_on_digits(tmp_path):
     for key in ("auroc", "frr", "far", "tpr_at_fpr_1", "tpr_at_fpr_5", "threshold"):
         assert key in detection
     assert detection["layer"] == "pool2"  # the small CNN's last conv stage
+    assert detection["auroc"] >= 0.95  # measured 0.979
     assert 0 <= detection["frr"] <= 0.1
     before, after = results["metrics"]["before"], results["metrics"]["after"]
     assert after["asr"] <= detection["far"] + 1e-9
@@ -178,7 +179,8 @@ def test_sentinet_on_digits(tmp_path):
 
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
-FM = ("dataset=fashion_mnist", "logger=none", "dataset.max_test=2000")
+# 1000 clean (+ 900 trojaned) test inputs: each costs a Grad-CAM and 200 predictions
+FM = ("dataset=fashion_mnist", "logger=none", "dataset.max_test=1000")
 
 
 @pytest.mark.slow

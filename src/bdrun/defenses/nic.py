@@ -170,10 +170,12 @@ class NicDetector(InputDetector):
     def _outputs(self, x: Tensor) -> list[Tensor]:
         return pooled_outputs(self.model, self.layers, x, self.batch_size, self.device)
 
-    def fit_invariants(self, x: Tensor) -> None:
-        """Fit each layer's view, value invariant and the provenance invariants on clean x."""
+    def fit_invariants(self, x: Tensor, labels: Tensor | None = None) -> None:
+        """Fit each layer's view, value invariant and the provenance invariants on clean x; the
+        linear classifiers learn `labels`, by default the model's own predictions."""
         outputs = self._outputs(x)
-        labels = logits_of(self.model, x, self.batch_size, self.device).argmax(1)
+        if labels is None:
+            labels = logits_of(self.model, x, self.batch_size, self.device).argmax(1)
         if len(labels.unique()) < 2:
             raise BdrunError(
                 "NIC's linear classifiers need holdout images of at least two predicted classes; "
