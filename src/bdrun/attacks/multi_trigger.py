@@ -52,9 +52,7 @@ class MultiTrigger(Attack):
 
     name = "multi_trigger"
 
-    def __init__(
-        self, triggers: Sequence[Mapping[str, Any]] = DEFAULT_TRIGGERS, **base
-    ) -> None:
+    def __init__(self, triggers: Sequence[Mapping[str, Any]] = DEFAULT_TRIGGERS, **base) -> None:
         super().__init__(**base)
         self.trigger_specs = [dict(spec) for spec in triggers]
         self.trigger_of: Tensor | None = None  # per training sample: trigger index, -1 = clean
