@@ -20,7 +20,8 @@ class SIG(Attack):
     training images and keep every label; at test time the same signal on any input triggers the
     target. The paper has two signals: the sinusoid above and the ramp v(i, j) = delta * j / m
     (`signal`), the default trigger of their code (KassemKallas/BackdoorAttack-ICIP2019,
-    parameters.py `trigger = 'ramp'`, triggers.py `ramp_signal`; see triggers.ramp).
+    parameters.py `trigger = 'ramp'`, triggers.py `ramp_signal`; see triggers.ramp). Their
+    utils.py casts x + v to uint8 before clipping, which wraps sums above 255; we clamp.
     Defaults follow BackdoorBench's sig config (delta 40 in 0-255 pixel units, f 6, target 0);
     the poison rate counts poisoned samples over the whole training set (see bdrun.attacks.base),
     so 0.05 is about half the target class of a balanced 10-class set.
