@@ -13,8 +13,11 @@ from bdrun.attacks.generators import TriggerNet
 from bdrun.attacks.input_aware import diversity_loss, other_rows
 from bdrun.attacks.multi_trigger import split_count
 from bdrun.attacks.pruning_aware import channel_stats, mask_channels
-from bdrun.attacks.triggers import blend, identity_grid, sinusoid, warp
+from bdrun.attacks.sig import SIG
+from bdrun.attacks.triggers import blend, identity_grid, ramp, sinusoid, warp
 from bdrun.attacks.wanet import warping_field
+from bdrun.data.base import DataInfo
+from bdrun.errors import BdrunError
 
 
 def test_blend_mixes_image_and_key_with_alpha():
@@ -32,6 +35,14 @@ def test_sinusoid_follows_barni_formula_along_columns():
         expected = 40 / 255 * math.sin(2 * math.pi * j * 6 / 12)
         assert torch.allclose(wave[:, :, j], torch.full((3, 4), expected), atol=1e-6)
     assert torch.equal(wave[0], wave[2])  # same on every channel and row
+
+
+def test_ramp_rises_by_delta_over_width_per_column_from_zero():
+    wave = ramp((2, 3, 4), delta=0.4)
+    assert wave.shape == (2, 3, 4)
+    # Barni et al.'s code: delta * j / m for columns j = 0..m-1 (m = 4): 0, 0.1, 0.2, 0.3
+    expected = torch.tensor([0.0, 0.1, 0.2, 0.3]).expand(2, 3, 4)
+    assert torch.allclose(wave, expected, atol=1e-7)
 
 
 def test_identity_grid_warp_returns_the_image_and_a_shift_moves_it():
@@ -134,3 +145,16 @@ def test_channel_stats_and_masking_on_a_hand_made_conv():
     out = model(x)
     handle.remove()
     assert torch.all(out[:, 1] == 0) and torch.allclose(out[:, 0], x[:, 0])
+
+
+def test_sig_ramp_signal_is_added_in_pixel_units_and_a_bad_signal_is_refused():
+    attack = SIG(signal="ramp", delta=51, test_delta=102, target=0)
+    attack.setup(DataInfo("toy", (1, 2, 5), 10), seed=0)
+    zeros = torch.zeros(3, 1, 2, 5)
+    # 51 / 255 = 0.2 in training, 0.4 at test time, times j / 5 for columns j = 0..4
+    train_row = torch.tensor([0.0, 0.04, 0.08, 0.12, 0.16])
+    assert torch.allclose(attack.poison_images(zeros, torch.zeros(3))[0, 0, 1], train_row)
+    assert torch.allclose(attack.apply_trigger(zeros)[2, 0, 0], 2 * train_row)
+    assert torch.allclose(attack.apply_trigger(torch.ones(1, 1, 2, 5)), torch.ones(1, 1, 2, 5))
+    with pytest.raises(BdrunError, match="attack.signal='saw' must be one of sine, ramp"):
+        SIG(signal="saw")

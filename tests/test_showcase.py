@@ -13,47 +13,55 @@ from conftest import compose_config
 
 def test_sig_digits_tuning_is_picked_up_for_digits_only():
     attack = compose_config("attack=sig").attack
-    assert (attack.target, attack.frequency, attack.delta, attack.test_delta) == (8, 1, 80, 160)
+    assert (attack.signal, attack.target, attack.delta, attack.test_delta) == ("ramp", 9, 255, None)
     assert attack.poison_rate == 0.09
     fashion = compose_config("attack=sig", "dataset=fashion_mnist").attack
-    assert fashion.delta == 60 and fashion.frequency == 6 and fashion.target == 0
+    assert fashion.signal == "sine" and fashion.delta == 60 and fashion.target == 0
 
 
-# Measured 2026-12-02 (CPU, seed 0, ~30 s on one thread): SIG reaches ASR 96.5 % (CCA 96.3 %),
-# but ABL's lowest-loss 1 % (11 samples) are clean fours (precision 0): under LGA whole easy
-# classes swing to the bottom of the loss from one epoch to the next while the poisoned eights
-# (median loss 0.24) stay above them, so ABL leaves ASR at 87.3 % and CCA at 92.2 %.
-ABL_MISSES_SIG = pytest.mark.xfail(
-    strict=True, reason="ABL isolates clean fours, not SIG's eights: ASR after 87.3 %"
+# Measured 2026-12-02 (CPU, one thread; conf/tuning/attack_dataset/sig_digits.yaml has the
+# search): seeds 0 / 1 / 2 give ASR 97.3 / 85.8 / 98.5 % (CCA 93.5 / 95.7 / 95.7 %); ABL isolates
+# 11 poisons out of 11 on each seed and leaves ASR 0.0 / 0.2 / 0.0 %, but CCA 88.1 % on each:
+# unlearning the clean-label poisons (true label 9) takes most clean nines with them. The run is
+# pinned to one thread: with two, float rounding changes which samples LGA leaves at the bottom
+# of the loss (seed 0: 3 poisons of 11 isolated, ASR after 69.4 %).
+ABL_COSTS_CLEAN_NINES = pytest.mark.xfail(
+    strict=True, reason="ABL costs 5.4 points of CCA (93.5 -> 88.1 %): the clean nines go too"
 )
 
 
-# ~30 s for the run unloaded (24 s total in results.json); 653 s for this file at load 17 on 2 cores
+# ~25 s for the run from an empty cache on one thread at load ~12 on 2 cores
 @pytest.fixture(scope="module")
 def showcase(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("showcase")
-    return run(compose_config("attack=sig", "defense=abl", "logger=none"), run_dir), run_dir
+    config = compose_config("attack=sig", "defense=abl", "logger=none", "trainer.num_threads=1")
+    return run(config, run_dir), run_dir
 
 
 @pytest.mark.slow
-def test_showcase_sig_succeeds_and_abl_reports_isolation_precision(showcase):
+def test_showcase_sig_succeeds_and_abl_isolates_poisons(showcase):
     results, run_dir = showcase
     before, detection = results["metrics"]["before"], results["metrics"]["detection"]
     assert results["poison"]["train_poisoned"] == round(0.09 * results["poison"]["train_size"])
     assert before["asr"] >= 0.8
-    assert before["cca"] >= 0.95
-    assert 0 <= detection["precision"] <= 1 and detection["removed"] >= 1
+    assert before["cca"] >= 0.93
+    assert detection["removed"] >= 1 and detection["precision"] >= 0.9
     console = Console(record=True, width=200)
     print_summary(results, run_dir, console)
     assert f"precision={detection['precision']:.4g}" in console.export_text()
 
 
 @pytest.mark.slow
-@ABL_MISSES_SIG
 def test_showcase_abl_removes_sig(showcase):
     results, _ = showcase
+    assert results["metrics"]["after"]["asr"] <= 0.1
+
+
+@pytest.mark.slow
+@ABL_COSTS_CLEAN_NINES
+def test_showcase_abl_keeps_clean_accuracy(showcase):
+    results, _ = showcase
     before, after = results["metrics"]["before"], results["metrics"]["after"]
-    assert after["asr"] <= 0.1
     assert before["cca"] - after["cca"] <= 0.05
 
 

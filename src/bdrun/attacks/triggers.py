@@ -124,6 +124,18 @@ def sinusoid(shape: Sequence[int], delta: float, frequency: float) -> Tensor:
     return wave.expand(channels, height, width).clone()
 
 
+def ramp(shape: Sequence[int], delta: float) -> Tensor:
+    """Barni et al.'s horizontal ramp v(i, j) = delta * j / m of shape [C, H, W], j = 0..m-1.
+
+    As the authors' code builds it (KassemKallas/BackdoorAttack-ICIP2019, triggers.py
+    `ramp_signal`: columns 0..m-1 over m, so the last column reaches delta (m-1)/m; the paper
+    writes j from 1 to m). delta is in [0, 1] units (divide pixel units by 255).
+    """
+    channels, height, width = (int(s) for s in shape)
+    column = torch.arange(width, dtype=torch.float32)
+    return (delta * column / width).expand(channels, height, width).clone()
+
+
 def identity_grid(height: int, width: int) -> Tensor:
     """The sampling grid [1, H, W, 2] (x, y in [-1, 1]) that grid_sample maps onto the image."""
     rows = torch.linspace(-1, 1, height)
