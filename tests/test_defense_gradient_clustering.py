@@ -57,7 +57,7 @@ def planted(n_poison: int, n_clean: int, side: int = 8):
 
 
 def test_concentration_analysis_flags_the_planted_cluster():
-    gc = GradientClustering(analysis="concentration")
+    gc = GradientClustering(analysis="concentration", features="abs")
     gc._shape = (1, 8, 8)
     feats = planted(40, 60)
     assigned = np.array([0] * 40 + [1] * 60)
@@ -85,6 +85,7 @@ def test_clustering_separates_the_planted_poisons():
         {"concentration_area": 1.0},
         {"concentration_ratio": 0.5},
         {"dims": 0},
+        {"features": "raw"},
     ],
 )
 def test_bad_settings_are_user_errors(kwargs):

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from bdrun.data.base import ImageSet, to_float
 from bdrun.defenses.activation_clustering import ANALYSES, ActivationClustering, ClassClusters
 from bdrun.defenses.prune import fraction
+from bdrun.defenses.pruning import copy_model
 from bdrun.errors import BdrunError
 from bdrun.metrics import on_device
 from bdrun.report.plots import figure, save
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 
 FIGURE = "gradient_clustering_heatmaps.png"
 MAX_FIGURE_CLASSES = 10
+FEATURES = ("log", "abs", "signed")
 
 
 def input_gradients(
@@ -49,16 +51,18 @@ def input_gradients(
     device: str | torch.device = "cpu",
 ) -> Tensor:
     """d cross-entropy(model(x_i), y_i) / d x_i for every image (eval mode, batched), on the CPU
-    as float32 [N, C, H, W]. The loss is summed over a batch, so each row is its own sample's
+    as [N, C, H, W] in the model's dtype. The loss is summed over a batch, so each row is its own sample's
     gradient; gradients with respect to the weights are never formed."""
     grads = []
+    dtype = next(model.parameters()).dtype  # a float64 model gets float64 inputs
     with on_device(model.eval(), device), torch.enable_grad():
         for start in range(0, len(x), batch_size):
-            batch = to_float(x[start : start + batch_size].to(device)).requires_grad_(True)
+            batch = to_float(x[start : start + batch_size].to(device)).to(dtype)
+            batch.requires_grad_(True)
             labels = y[start : start + batch_size].to(device)
             loss = F.cross_entropy(model(batch), labels, reduction="sum")
             (grad,) = torch.autograd.grad(loss, batch)
-            grads.append(grad.detach().float().cpu())
+            grads.append(grad.detach().cpu())
     return torch.cat(grads) if grads else torch.empty(0)
 
 
@@ -76,13 +80,17 @@ class GradientClustering(ActivationClustering):
 
     Parameters (besides activation clustering's `reduce`, `dims`, `clusters` and its analyses
     with their thresholds, which work on the reduced gradients here):
-        absolute: cluster |gradient| (default) instead of the signed gradient: where the loss
-            is sensitive, not in which direction, marks the trigger; on digits BadNets the
-            2-means of the target class's |gradient| put 79 of 88 poisons in a cluster of
-            poisons only, the signed gradients mixed them (81 % poisons).
-        normalize: scale every sample's gradient to unit L2 norm before clustering (default):
-            a confidently fit sample (most poisons) has a gradient orders of magnitude smaller
-            than a doubtful one, and unscaled, the clusters split by loss, not by pattern.
+        features: what of each sample's gradient g is clustered.
+            "log" (default): log |g| minus its mean over the pixels. A confidently fit sample
+            (most poisons) has a gradient orders of magnitude smaller than a doubtful one, so
+            raw gradients split by loss, not by pattern; the centred log is free of each
+            sample's scale (a rescaling is a shift, which the centring removes) and keeps the
+            orders of magnitude between pixels that mark the trigger. The gradients are taken
+            in float64 for this: in float32 the smallest ones underflow.
+            "abs": |g| / ||g|| (unit L2 norm); "signed": g / ||g||.
+            Fashion-MNIST BadNets 10 %, target class (5,700 poisons of 11,380), PCA to 10,
+            2-means: "log" 99.1 % precision / 99.6 % recall, "abs" 99.7 % / 73.6 %, "signed"
+            99.8 % / 55.9 %, the centred log of float32 gradients 94.0 % / 94.4 %.
         analysis: "holdout" (default), "size", "silhouette", "smaller" as in activation
             clustering, or "concentration": the paper's cue, a cluster whose gradients gather
             in a small region. A cluster is flagged when its mean |gradient| map puts at least
@@ -103,8 +111,7 @@ class GradientClustering(ActivationClustering):
         dims: int = 10,
         clusters: int = 2,
         analysis: str = "holdout",
-        absolute: bool = True,
-        normalize: bool = True,
+        features: str = "log",
         concentration_area: float = 0.05,
         concentration_ratio: float = 1.5,
         size_threshold: float = 0.35,
@@ -135,24 +142,32 @@ class GradientClustering(ActivationClustering):
             raise BdrunError(
                 f"defense.concentration_ratio={concentration_ratio} must be >= 1, e.g. 1.5"
             )
-        self.absolute = bool(absolute)
-        self.normalize = bool(normalize)
+        if features not in FEATURES:
+            raise BdrunError(f"defense.features={features!r} must be one of {', '.join(FEATURES)}")
+        self.features = features
         self.concentration_area = area
         self.concentration_ratio = float(concentration_ratio)
         self._shape: tuple[int, ...] = ()
 
     def representation(self, model: nn.Module, images: ImageSet, ctx: RunContext) -> np.ndarray:
-        grads = input_gradients(model, images.x, images.y, ctx.settings.eval_batch_size, ctx.device)
+        precise = copy_model(model).double() if self.features == "log" else model
+        grads = input_gradients(
+            precise, images.x, images.y, ctx.settings.eval_batch_size, ctx.device
+        )
         self._shape = tuple(images.x.shape[1:])
         flat = grads.flatten(1)
-        if self.normalize:
-            flat = flat / flat.norm(dim=1, keepdim=True).clamp_min(torch.finfo(flat.dtype).tiny)
-        return (flat.abs() if self.absolute else flat).numpy()
+        if self.features == "log":
+            # 1e-300: a pixel no path reaches (exactly 0) sits far below the rest, not at -inf
+            logs = flat.abs().clamp_min(1e-300).log()
+            return (logs - logs.mean(1, keepdim=True)).numpy()
+        unit = flat / flat.norm(dim=1, keepdim=True).clamp_min(torch.finfo(flat.dtype).tiny)
+        return (unit.abs() if self.features == "abs" else unit).float().numpy()
 
-    def saliency(self, gradients: np.ndarray) -> np.ndarray:
-        """Mean |gradient| of these rows as an [H, W] map (channels summed)."""
-        maps = np.abs(gradients).reshape(len(gradients), *self._shape)
-        return maps.mean(0).sum(0)
+    def saliency(self, feats: np.ndarray) -> np.ndarray:
+        """Mean |gradient| of these rows, each row at its own scale, as an [H, W] map
+        (channels summed)."""
+        magnitude = np.exp(feats) if self.features == "log" else np.abs(feats)
+        return magnitude.reshape(len(feats), *self._shape).mean(0).sum(0)
 
     def _flag(
         self,
