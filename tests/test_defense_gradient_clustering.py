@@ -94,15 +94,14 @@ def test_bad_settings_are_user_errors(kwargs):
 
 
 def test_gradient_clustering_on_digits(tmp_path):
-    cfg = compose_config(
-        "defense=gradient_clustering", "logger=none", "dataset.holdout_fraction=0.3"
-    )
+    # measured (2026-12-02): precision 0.98, recall 1.0, ASR 100 % -> 0 %, CCA 98.5 -> 98.3 %
+    cfg = compose_config("defense=gradient_clustering", "logger=none")
     results = run(cfg, tmp_path)
     d = results["metrics"]["detection"]
     assert {"precision", "recall", "removed", "flagged_classes"} <= set(d)
-    assert d["precision"] >= 0.9 and d["recall"] >= 0.8
+    assert d["precision"] >= 0.9 and d["recall"] >= 0.9
     assert d["flagged_classes"] == [cfg.attack.target]
-    assert results["metrics"]["after"]["asr"] < results["metrics"]["before"]["asr"]
+    assert results["metrics"]["after"]["asr"] <= 0.1
     assert (tmp_path / FIGURE).stat().st_size > 0
 
 
