@@ -104,6 +104,14 @@ FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
 @pytest.mark.slow
 @pytest.mark.skipif(not FMNIST.is_dir(), reason="apt-get install dataset-fashion-mnist")
+@pytest.mark.xfail(
+    strict=True,
+    reason="measured 2026-12-02: the copy fine-tuned on the holdout (10 epochs, lr 0.01) keeps "
+    "the backdoor and so does the whole curve to it: ASR 99.2-99.6 % at every t of 0, 0.1, ..., "
+    "1 (at t = 0.3: ASR 99.3 %, CCA 91.6 %; 92.1 % before). end_model=retrain (a second "
+    "poisoned model from another initialisation) dips in the middle only: ASR 90.6 % at t = 0.3, "
+    "lowest 81.0 % at t = 0.5 with CCA 88.5 % (100 curve epochs)",
+)
 def test_mcr_fashion_mnist_badnets(tmp_path):
     cfg = compose_config("dataset=fashion_mnist", "attack=badnets", "defense=mcr", "logger=none")
     results = run(cfg, tmp_path)

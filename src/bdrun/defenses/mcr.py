@@ -147,7 +147,10 @@ class ModeConnectivityRepair(Defense):
             0.01, the run's other training settings), the paper's choice for a defender with a
             single model. "retrain": a second model trained on the poisoned training set from
             another initialisation (stream "mcr-second-model"), the paper's main setting of two
-            backdoored models.
+            backdoored models. Fashion-MNIST BadNets 10 % (small CNN, 3,000 holdout images,
+            100 curve epochs), ASR / CCA along t = 0, 0.1, ..., 1: with "finetune" ASR stays
+            99.2-99.6 % everywhere (the two ends share one mode); with "retrain" it dips to
+            81.0 % at t = 0.5 (CCA 88.5 %), 90.6 % at t = 0.3 (CCA 89.9 %).
     The fine-tuned end and the curve go through the model cache.
     """
 
