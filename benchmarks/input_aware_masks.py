@@ -35,12 +35,10 @@ def main(overrides: list[str]) -> None:
             overrides=["dataset=fashion_mnist", "attack=input_aware", "logger=none", *overrides],
         )
     with tempfile.TemporaryDirectory() as run_dir:
-        prepared = prepare(cfg, Path(run_dir))
-        ctx, attack = prepared.ctx, prepared.attack
-        model = ctx.poisoned_model()
-        attack.rebuild_backdoor_test(ctx)
+        prepared = prepare(cfg, Path(run_dir))  # trains (or loads) the model and its generators
+        model, attack, test = prepared.model, prepared.attack, prepared.data.test
     patterns, masks = attack.generators()
-    test = ctx.test.subset(ctx.test.y != attack.target)
+    test = test.subset(test.y != attack.target)
     x = to_float(test.x)
     with torch.no_grad():
         area = TriggerNet.threshold(masks(x)).flatten(1).mean(1)

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from bdrun.cli import CONF_DIR
+from bdrun.data.base import ImageSet
+from bdrun.runner import Setup, poison_stage, scorer_for, setup
+from bdrun.state import RunData
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,6 +71,43 @@ def start_until_a_checkpoint(
         assert proc.poll() is None, ("bdrun ended before its first checkpoint", proc.communicate())
         time.sleep(0.02)
     return proc, checkpoints
+
+
+@dataclass(frozen=True)
+class Poisoned:
+    """A run up to its poisoned training set, without training the poisoned model."""
+
+    setup: Setup
+    clean_train: ImageSet
+    poisoned: ImageSet
+    backdoor_test: ImageSet
+
+    @property
+    def attack(self):
+        return self.setup.attack
+
+    @property
+    def ctx(self):
+        return self.setup.ctx
+
+    def data(self) -> RunData:
+        splits = self.setup.splits
+        return RunData(splits.info, self.poisoned, splits.holdout, splits.test, self.backdoor_test)
+
+    def evaluate(self, model: torch.nn.Module) -> dict:
+        """CCA, ASR, RA (and the attack's figures) of `model` on this run's test sets."""
+        return scorer_for(self.attack, self.data(), self.ctx).evaluate(model)
+
+
+def poison_only(run_dir: Path, *overrides: str, cfg: DictConfig | None = None) -> Poisoned:
+    """Set up a run (from overrides, or a composed `cfg`) and run its poison stage with the
+    runner's own functions, without training; the backdoor test set is built from the attack as
+    it stands (before any training-time trigger is learned)."""
+    built = setup(cfg if cfg is not None else compose_config(*overrides), run_dir)
+    poisoned = poison_stage(built.attack, built.splits, built.ctx)
+    return Poisoned(
+        built, built.splits.train, poisoned, built.attack.backdoor_test(built.splits.test)
+    )
 
 
 def conf_options(group: str) -> list[str]:

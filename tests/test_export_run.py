@@ -14,9 +14,9 @@ from bdrun.data.base import to_float
 from bdrun.eval_cli import main as eval_main
 from bdrun.export import load_model
 from bdrun.rng import seeded_global
-from bdrun.runner import prepare, run
+from bdrun.runner import run
 
-from conftest import compose_config, conf_options
+from conftest import compose_config, conf_options, poison_only
 
 needs = pytest.mark.skipif(
     not {"prune", "goodnet"} <= set(conf_options("defense")),
@@ -28,14 +28,15 @@ needs = pytest.mark.skipif(
 def csaw_files(tmp_path_factory):
     """CSAW-layout files of a DeepID-shaped data set and a 'third-party' DeepID in Keras h5."""
     root = tmp_path_factory.mktemp("csaw")
-    ctx = prepare(compose_config(*DEEPID_DATA, "attack=badnets"), root / "fake").ctx
-    write_csaw_h5(root / "clean_validation_data.h5", ctx.holdout, ctx.holdout.y)
-    write_csaw_h5(root / "clean_test_data.h5", ctx.test, ctx.test.y)
+    run = poison_only(root / "fake", *DEEPID_DATA, "attack=badnets")
+    splits = run.setup.splits
+    write_csaw_h5(root / "clean_validation_data.h5", splits.holdout, splits.holdout.y)
+    write_csaw_h5(root / "clean_test_data.h5", splits.test, splits.test.y)
     with seeded_global(7, "elsewhere"):
-        model = ctx.new_model().eval()
+        model = run.ctx.new_model().eval()
     with torch.no_grad():  # the poisoned file stores what this model predicts: ASR 1 before
-        stored = model(to_float(ctx.backdoor_test.x)).argmax(1)
-    write_csaw_h5(root / "sunglasses_poisoned_data.h5", ctx.backdoor_test, stored)
+        stored = model(to_float(run.backdoor_test.x)).argmax(1)
+    write_csaw_h5(root / "sunglasses_poisoned_data.h5", run.backdoor_test, stored)
     write_keras_h5(keras_arrays(model), root / "bd_weights.h5")
     return root
 

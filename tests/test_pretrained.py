@@ -19,7 +19,7 @@ from bdrun.errors import BdrunError
 from bdrun.rng import seeded_global
 from bdrun.runner import prepare, run
 
-from conftest import compose_config, run_bdrun
+from conftest import compose_config, poison_only, run_bdrun
 
 # a DeepID-shaped synthetic data set (55x47x3, as CSAW's YouTube faces), small and quick
 DEEPID_DATA = (
@@ -48,12 +48,12 @@ def badnet(tmp_path_factory):
     give, so loading is really tested), its metrics, its weights in every format, and the
     BadNets backdoor test set as a poisoned h5 file (labels = target, true labels alongside)."""
     folder = tmp_path_factory.mktemp("badnet")
-    ctx = prepare(compose_config(*DEEPID_DATA, "attack=badnets"), folder / "run").ctx
+    run = poison_only(folder / "run", *DEEPID_DATA, "attack=badnets")
     with seeded_global(123, "elsewhere"):
-        model = ctx.new_model().eval()
+        model = run.ctx.new_model().eval()
     model.output.bias.data[:3] += 0.05  # spread predictions over a few classes
-    metrics = ctx.evaluate(model)
-    bd = ctx.backdoor_test
+    metrics = run.evaluate(model)
+    bd = run.backdoor_test
     files = {
         "keras": write_keras_h5(keras_arrays(model), folder / "bd_weights.h5"),
         "safetensors": folder / "bd.safetensors",
@@ -81,14 +81,14 @@ def test_a_loaded_model_is_the_one_trained_elsewhere(fmt, badnet, tmp_path):
     cfg = pretrained_cfg(
         badnet["files"][fmt], badnet["poisoned"], extra=("attack.true_label_key=true_label",)
     )
-    ctx = prepare(cfg, tmp_path / "prepared").ctx
-    loaded = ctx.poisoned_model()
-    assert ctx.poisoned_status == "pretrained"
-    x = to_float(ctx.test.x[:32])
+    prepared = prepare(cfg, tmp_path / "prepared")
+    loaded = prepared.model
+    assert prepared.model_status == "pretrained"
+    x = to_float(prepared.data.test.x[:32])
     with torch.no_grad():
         assert torch.equal(loaded(x), badnet["model"](x))
 
-    assert ctx.evaluate(loaded) == badnet["metrics"]  # CCA, ASR and RA (true labels given)
+    assert prepared.ctx.evaluate(loaded) == badnet["metrics"]  # CCA, ASR and RA (true labels given)
 
 
 def test_each_poisoned_file_gets_its_asr(badnet, tmp_path):
@@ -126,7 +126,7 @@ def test_inputs_already_of_their_target_are_dropped_when_truth_is_known(badnet, 
     cfg = pretrained_cfg(
         badnet["files"]["torch"], path, extra=("attack.true_label_key=true_label",)
     )
-    assert len(prepare(cfg, tmp_path / "run").ctx.backdoor_test) == len(bd) - 5
+    assert len(poison_only(tmp_path / "run", cfg=cfg).backdoor_test) == len(bd) - 5
 
 
 def test_no_poisoned_files_means_no_asr_but_a_working_model(badnet, tmp_path):
@@ -169,9 +169,9 @@ def test_csaw_experiments_compose():
 
 def test_csaw_dataset_reads_the_competition_layout(badnet, tmp_path):
     """dataset=csaw on CSAW-layout files: (N,3,55,47) floats 0..255, labels as floats."""
-    ctx = prepare(compose_config(*DEEPID_DATA, "attack=none"), tmp_path / "fake").ctx
-    write_csaw_h5(tmp_path / "clean_validation_data.h5", ctx.holdout, ctx.holdout.y)
-    write_csaw_h5(tmp_path / "clean_test_data.h5", ctx.test, ctx.test.y)
+    splits = poison_only(tmp_path / "fake", *DEEPID_DATA, "attack=none").setup.splits
+    write_csaw_h5(tmp_path / "clean_validation_data.h5", splits.holdout, splits.holdout.y)
+    write_csaw_h5(tmp_path / "clean_test_data.h5", splits.test, splits.test.y)
     cfg = compose_config(
         "dataset=csaw",
         f"dataset.root={tmp_path}",

@@ -63,11 +63,11 @@ def csaw(tmp_path_factory) -> dict:
         f"dataset.source.holdout_path={root / 'clean_validation_data.h5'}",
         *BADNET_TRAINING,
     )
-    ctx = prepare(attacker, root / "attacker").ctx
-    badnet = ctx.poisoned_model()
-    metrics = ctx.evaluate(badnet)
+    prepared = prepare(attacker, root / "attacker")
+    badnet = prepared.model
+    metrics = prepared.ctx.evaluate(badnet)
     write_keras_h5(keras_arrays(badnet), root / "bd_weights.h5")
-    bd = ctx.backdoor_test
+    bd = prepared.data.backdoor_test
     write_csaw_h5(root / "sunglasses_poisoned_data.h5", bd, bd.y)
     return {"root": root, "metrics": metrics}
 

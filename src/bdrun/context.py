@@ -1,11 +1,14 @@
-"""What every pipeline stage may use: the run's data, settings, cache, logger and helpers."""
+"""The tools every pipeline stage may use: settings, trainer, cache, logger, and a scorer.
+
+A RunContext holds no data and no attack: stages get their models and data as arguments (the
+run's data is a frozen `bdrun.state.RunData`). It is frozen; the runner adds the scorer with
+`with_scorer` once the attack stage has built the test sets.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import shutil
-import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +21,7 @@ from bdrun import __version__
 from bdrun.cache import ModelCache, content_key
 from bdrun.data.base import DataInfo, ImageSet
 from bdrun.loggers import RunLogger
-from bdrun.metrics import attack_metrics, predict
+from bdrun.metrics import attack_metrics, on_device, predict
 from bdrun.progress import track
 from bdrun.rng import generator
 from bdrun.training import HardwareSettings, TrainingHook, TrainSettings
@@ -26,26 +29,67 @@ from bdrun.training import HardwareSettings, TrainingHook, TrainSettings
 T = TypeVar("T")
 
 if TYPE_CHECKING:
-    from bdrun.attacks.base import Attack
     from bdrun.defenses.base import InputDetector
 
+PredictFn = Callable[[Tensor], Tensor]
 
-@dataclass
+
+@dataclass(frozen=True)
+class Scorer:
+    """Scores a model (behind input detectors) on the run's fixed test sets.
+
+    `extra` maps a prediction function to the attack's own figures (per-trigger ASR, cross-trigger
+    accuracy, ...); it is bound to the attack and the data by the runner, so whoever scores never
+    touches the attack itself.
+    """
+
+    test: ImageSet
+    backdoor_test: ImageSet
+    num_classes: int
+    batch_size: int
+    device: torch.device
+    extra: Callable[[PredictFn], dict[str, Any]] = field(default=lambda _predict_fn: {})
+
+    def predictor(self, model: nn.Module, detectors: Sequence[InputDetector] = ()) -> PredictFn:
+        """Images -> predicted labels of `model` behind `detectors`; an input any detector
+        rejects gets the label num_classes ("rejected": never correct, never the target)."""
+
+        def predict_fn(x: Tensor) -> Tensor:
+            preds = predict(model, x, self.batch_size, self.device)
+            if not detectors:
+                return preds
+            rejected = torch.zeros(len(x), dtype=torch.bool)
+            for detector in detectors:
+                rejected |= detector.rejects(x).cpu()
+            return torch.where(rejected, torch.full_like(preds, self.num_classes), preds)
+
+        return predict_fn
+
+    def evaluate(
+        self, model: nn.Module, detectors: Sequence[InputDetector] = ()
+    ) -> dict[str, float]:
+        """CCA, ASR and RA of `model` (behind `detectors`, where an input any of them rejects
+        counts as defended), plus the attack's own figures. The model is held on the scoring
+        device for all the passes, then goes back to where it was."""
+        with on_device(model, self.device):
+            predict_fn = self.predictor(model, detectors)
+            metrics = attack_metrics(predict_fn, self.test, self.backdoor_test)
+            metrics.update(self.extra(predict_fn))
+            return metrics
+
+
+@dataclass(frozen=True)
 class RunContext:
-    """The run as defenses see it.
+    """The tools of a run, as attacks and defenses see them (no data, no attack).
 
-    `holdout` is the clean data defenders may use; `test` and `backdoor_test` are for scoring
-    only (curves, metrics), never for a defense's decisions. `new_model` builds a freshly
-    initialised model of the configured architecture; `key_parts` is what (besides the training
-    tensors) determines a trained model, for the cache.
+    `new_model` builds a freshly initialised model of the configured architecture; `key_parts`
+    is what (besides the training tensors) determines a trained model, for the cache;
+    `attack_hooks` are the training-time attack's hooks, part of every training of the
+    poisoned data; `scorer` scores models on the frozen test sets (None during the attack stage).
     """
 
     seed: int
     info: DataInfo
-    train_set: ImageSet
-    holdout: ImageSet
-    test: ImageSet
-    backdoor_test: ImageSet
     settings: TrainSettings
     hardware: HardwareSettings
     run_dir: Path
@@ -54,16 +98,11 @@ class RunContext:
     new_model: Callable[[], nn.Module]
     key_parts: dict[str, Any] = field(default_factory=dict)
     attack_hooks: Sequence[TrainingHook] = ()
-    attack: Attack | None = None
-    poisoned_status: str = "not trained"
-    poisoned_train_s: float = 0.0
-    _poisoned: nn.Module | None = field(default=None, repr=False)
+    scorer: Scorer | None = None
 
-    @functools.cached_property
-    def lightning_logger(self) -> Any:
-        """The run logger's Lightning counterpart, made at the first training: Lightning's
-        loggers import Lightning, which a run whose models all come from the cache never needs."""
-        return self.logger.lightning()
+    def with_scorer(self, scorer: Scorer) -> RunContext:
+        """This context with a scorer over the run's test sets (set once they exist)."""
+        return dataclasses.replace(self, scorer=scorer)
 
     @property
     def device(self) -> torch.device:
@@ -97,7 +136,7 @@ class RunContext:
             self.info.num_classes,
             self.seed,
             hooks=[*(self.attack_hooks if attack_hooks else ()), *hooks],
-            logger=self.lightning_logger,
+            logger=self.logger.lightning(),
             stream=stream,
             checkpoint_dir=checkpoint_dir,
         )
@@ -173,54 +212,17 @@ class RunContext:
         """Iterate with a progress bar (quiet in CI / without a terminal; trainer.progress)."""
         return track(iterable, description, total, self.hardware.progress)
 
-    def poisoned_model(self) -> nn.Module:
-        """The model trained on the poisoned training set (from the cache; trained once per run).
-
-        Data-inspection defenses read its representations; the runner scores it as "before".
-        A pretrained attack supplies it instead of training.
-        """
-        if self._poisoned is None:
-            started = time.perf_counter()
-            model = self.attack.pretrained(self) if self.attack is not None else None
-            if model is not None:
-                self._poisoned, self.poisoned_status = model.eval(), "pretrained"
-            else:
-                self._poisoned, self.poisoned_status = self.train_cached(self.train_set)
-            self.poisoned_train_s = time.perf_counter() - started
-            # a trigger learned with the model (input-aware) exists only now, cache hit or not
-            rebuilt = self.attack.rebuild_backdoor_test(self) if self.attack is not None else None
-            if rebuilt is not None:
-                self.backdoor_test = rebuilt
-        return self._poisoned
-
-    def predictor(
-        self, model: nn.Module, detectors: Sequence[InputDetector] = ()
-    ) -> Callable[[Tensor], Tensor]:
-        """Images -> predicted labels of `model` behind `detectors`; an input any detector
-        rejects gets the label num_classes ("rejected": never correct, never the target)."""
-
-        def predict_fn(x: Tensor) -> Tensor:
-            preds = predict(model, x, self.settings.eval_batch_size, self.device)
-            if not detectors:
-                return preds
-            rejected = torch.zeros(len(x), dtype=torch.bool)
-            for detector in detectors:
-                rejected |= detector.rejects(x).cpu()
-            return torch.where(rejected, torch.full_like(preds, self.info.num_classes), preds)
-
-        return predict_fn
+    def predictor(self, model: nn.Module, detectors: Sequence[InputDetector] = ()) -> PredictFn:
+        """See Scorer.predictor."""
+        return self._scorer().predictor(model, detectors)
 
     def evaluate(
         self, model: nn.Module, detectors: Sequence[InputDetector] = ()
     ) -> dict[str, float]:
-        """CCA, ASR and RA of `model` (behind `detectors`, where an input any of them rejects
-        counts as defended), plus the attack's own figures (per-trigger ASR, ...)."""
-        model.to(self.device)
-        try:
-            predict_fn = self.predictor(model, detectors)
-            metrics = attack_metrics(predict_fn, self.test, self.backdoor_test)
-            if self.attack is not None:
-                metrics.update(self.attack.evaluate(predict_fn, self))
-            return metrics
-        finally:
-            model.to("cpu")
+        """See Scorer.evaluate."""
+        return self._scorer().evaluate(model, detectors)
+
+    def _scorer(self) -> Scorer:
+        if self.scorer is None:
+            raise RuntimeError("models are scored once the attack stage has built the test sets")
+        return self.scorer

@@ -19,9 +19,17 @@ class RunLogger:
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = Path(run_dir)
+        self._lightning: Any = None
 
     def lightning(self) -> Any:
-        """The Lightning logger for training curves, or False."""
+        """The Lightning logger for training curves, or False; made at the first training (its
+        loggers import Lightning, which a run whose models all come from the cache never needs)
+        and shared by every training of the run."""
+        if self._lightning is None:
+            self._lightning = self._new_lightning()
+        return self._lightning
+
+    def _new_lightning(self) -> Any:
         return False
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
@@ -53,7 +61,7 @@ class RunLogger:
 class CsvRunLogger(RunLogger):
     """Training curves via Lightning's CSVLogger under train/; tables as <name>.csv files."""
 
-    def lightning(self) -> Any:
+    def _new_lightning(self) -> Any:
         from pytorch_lightning.loggers import CSVLogger
 
         return CSVLogger(self.run_dir, name="train", version="")
@@ -99,7 +107,7 @@ class WandbRunLogger(CsvRunLogger):
             settings=wandb.Settings(init_timeout=30, silent=True, console="off"),
         )
 
-    def lightning(self) -> Any:
+    def _new_lightning(self) -> Any:
         from pytorch_lightning.loggers import WandbLogger
 
         return WandbLogger(experiment=self.run)

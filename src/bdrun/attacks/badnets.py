@@ -64,3 +64,11 @@ class BadNets(Attack):
 
     def apply_trigger(self, x: Tensor) -> Tensor:
         return stamp(x, self._pattern, self._mask, self._top, self._left)
+
+    def trigger_region(self) -> Tensor:
+        assert self.info is not None, "call setup() first"
+        _, height, width = self.info.shape
+        region = torch.zeros(1, height, width, dtype=torch.bool)
+        rows, cols = self._mask.shape[-2:]
+        region[:, self._top : self._top + rows, self._left : self._left + cols] = self._mask > 0
+        return region

@@ -20,6 +20,7 @@ from bdrun.errors import BdrunError
 
 if TYPE_CHECKING:
     from bdrun.context import RunContext
+    from bdrun.state import RunData
 
 LABEL_MODES = ("all2one", "all2all")
 
@@ -35,6 +36,12 @@ class Attack:
     """
 
     name = "attack"
+    #: False where backdoor inputs carry no trigger of this attack's making: a clean baseline,
+    #: a subpopulation (membership is the key), files poisoned elsewhere (pretrained)
+    stamps_inputs = True
+    #: True where poisoned training images get their trigger inside the training loop
+    #: (input-aware's generator), so the stored poisoned rows still look clean
+    triggers_in_training = False
 
     def __init__(
         self,
@@ -67,8 +74,9 @@ class Attack:
         if self.clean_label and self.label_mode != "all2one":
             raise BdrunError("clean-label attacks need attack.label_mode=all2one")
 
-    def fit(self, clean_train: ImageSet, ctx: RunContext) -> None:
-        """Learn what the attack needs from the clean training data before poisoning.
+    def fit(self, clean_train: ImageSet, test: ImageSet, ctx: RunContext) -> None:
+        """Learn what the attack needs from the clean training data before poisoning (`test` is
+        the clean test set, for attacks that pick test inputs, such as a subpopulation).
 
         Attacks built on a model of the clean data (label-consistent PGD's surrogate,
         subpopulation clustering) train it here with `ctx.train_cached`, so it is cached like
@@ -114,6 +122,11 @@ class Attack:
         """Batched trigger: float [N, C, H, W] in [0, 1] -> same shape and range. Must be pure."""
         raise NotImplementedError
 
+    def trigger_region(self) -> Tensor | None:
+        """Bool mask [1, H, W] of the pixels the trigger may change (a patch), or None (the
+        default) when it may change any pixel (blend, SIG, warping, generated triggers, PGD)."""
+        return None
+
     def poison_images(self, x: Tensor, y: Tensor) -> Tensor:
         """Poisoned versions of training images x (labels y); defaults to the test-time trigger.
 
@@ -152,23 +165,25 @@ class Attack:
         )
 
     # -- models supplied and figures reported by the attack ---------------------------------
-    def pretrained(self, ctx: RunContext) -> nn.Module | None:
-        """A model the attacker trained elsewhere (a third-party BadNet), used instead of
-        training one; None (the default) means bdrun trains the poisoned model."""
+    def pretrained(self, poisoned_train: ImageSet, ctx: RunContext) -> nn.Module | None:
+        """The poisoned model when the attacker makes it another way than standard training on
+        `poisoned_train` (a third-party BadNet, pruning-aware retraining); None (the default)
+        means bdrun trains it."""
         return None
 
-    def rebuild_backdoor_test(self, ctx: RunContext) -> ImageSet | None:
-        """The backdoor test set rebuilt once the poisoned model exists, for attacks whose
-        trigger is learned together with the model (input-aware's generator, which a cache hit
-        restores from the model's entry); None (the default) keeps the set `backdoor_test` made.
-        Called by `ctx.poisoned_model()` right after the model is trained or loaded."""
-        return None
+    def after_training(self, test: ImageSet, ctx: RunContext) -> None:
+        """Called once the poisoned model exists (trained, loaded from the cache or supplied),
+        before `backdoor_test` builds the backdoor test set: attacks whose trigger is learned
+        together with the model (input-aware's generator, restored with the model's cache
+        entry) freeze it here. The default does nothing."""
 
-    def evaluate(self, predict_fn: Callable[[Tensor], Tensor], ctx: RunContext) -> dict[str, float]:
+    def evaluate(
+        self, predict_fn: Callable[[Tensor], Tensor], data: RunData, ctx: RunContext
+    ) -> dict[str, float]:
         """Attack-specific figures for the metrics table (per-trigger ASR, cross-trigger
         accuracy, subpopulation damage), from a function mapping images to predicted labels
-        (rejected inputs get label num_classes). Called for the model before and after the
-        defense; the default adds nothing."""
+        (rejected inputs get label num_classes) and the run's frozen data. Called for the model
+        before and after the defense; the default adds nothing."""
         return {}
 
     # -- training-time attacks ------------------------------------------------------------------
@@ -181,6 +196,7 @@ class NoAttack(Attack):
     """The clean baseline: nothing is poisoned; ASR is measured with no trigger at all."""
 
     name = "none"
+    stamps_inputs = False
 
     def setup(self, info: DataInfo, seed: int) -> None:
         self.info = info

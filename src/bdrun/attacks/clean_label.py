@@ -103,10 +103,11 @@ class CleanLabel(Attack):
         steps: int = 20,
         trigger: str = "bottom_right",
         amplitude: float | None = None,
+        poison_rate: float = 0.05,
         **base,
     ) -> None:
         base.setdefault("clean_label", True)
-        super().__init__(**base)
+        super().__init__(poison_rate=poison_rate, **base)
         self.norm = norm
         self.eps = float(eps)
         self.steps = int(steps)
@@ -127,7 +128,7 @@ class CleanLabel(Attack):
         _, height, width = info.shape
         self._signs = corner_trigger(self.trigger, height, width)
 
-    def fit(self, clean_train: ImageSet, ctx: RunContext) -> None:
+    def fit(self, clean_train: ImageSet, test: ImageSet, ctx: RunContext) -> None:
         self._surrogate, _ = ctx.train_cached(clean_train, stream="surrogate")
         self._device = ctx.device
         self._batch_size = ctx.settings.eval_batch_size
@@ -140,7 +141,7 @@ class CleanLabel(Attack):
 
     def poison_images(self, x: Tensor, y: Tensor) -> Tensor:
         if self._surrogate is None:
-            raise RuntimeError("CleanLabel.fit(clean_train, ctx) must run before poisoning")
+            raise RuntimeError("CleanLabel.fit(clean_train, test, ctx) must run before poisoning")
         eps = self.eps / 255
         surrogate = self._surrogate.to(self._device)
         try:

@@ -23,6 +23,7 @@ from bdrun.training import TrainingHook
 if TYPE_CHECKING:
     from bdrun.context import RunContext
     from bdrun.lightning_loop import ClassifierModule
+    from bdrun.state import RunData
 
 
 def rms_distance(a: Tensor, b: Tensor) -> Tensor:
@@ -83,6 +84,7 @@ class InputAware(Attack):
     """
 
     name = "input_aware"
+    triggers_in_training = True
 
     def __init__(
         self,
@@ -125,7 +127,7 @@ class InputAware(Attack):
         self.pattern_net.eval()
         self.mask_net.eval()
 
-    def fit(self, clean_train: ImageSet, ctx: RunContext) -> None:
+    def fit(self, clean_train: ImageSet, test: ImageSet, ctx: RunContext) -> None:
         """Pre-train the mask generator on the clean training data (cached, like a model)."""
         key = content_key(
             {
@@ -204,23 +206,23 @@ class InputAware(Attack):
         return [InputAwareHook(self)]
 
     # -- after training ------------------------------------------------------------------------------
-    def rebuild_backdoor_test(self, ctx: RunContext) -> ImageSet:
+    def after_training(self, test: ImageSet, ctx: RunContext) -> None:
         """Freeze copies of the generators the poisoned model came with (trained here or loaded
-        from its cache entry); rebuild the backdoor and cross-trigger test sets from them."""
+        from its cache entry); the backdoor and cross-trigger test sets are built from them."""
         self._trained = (
             copy.deepcopy(self.pattern_net).cpu().eval(),
             copy.deepcopy(self.mask_net).cpu().eval(),
         )
-        test = ctx.test
         other = other_rows(torch.arange(len(test)), len(test), ctx.generator("input-aware-cross"))
         cross_x = self.triggered(test.x, lambda xf: self.generate(xf, to_float(test.x[other])))
         self._cross = test.replace(x=cross_x)
         with torch.no_grad():  # a diagnostic: the mask generator should cover ~mask_density
             sample = to_float(test.x[:1000])
             self._mask_area = float(TriggerNet.threshold(self._trained[1](sample)).mean())
-        return self.backdoor_test(test)
 
-    def evaluate(self, predict_fn: Callable[[Tensor], Tensor], ctx: RunContext) -> dict[str, float]:
+    def evaluate(
+        self, predict_fn: Callable[[Tensor], Tensor], data: RunData, ctx: RunContext
+    ) -> dict[str, float]:
         """Cross-trigger accuracy: test inputs carrying another input's trigger, classified as
         their true label (the authors' third figure beside clean and attack accuracy)."""
         if self._cross is None:

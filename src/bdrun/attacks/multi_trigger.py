@@ -16,6 +16,7 @@ from bdrun.metrics import accuracy
 
 if TYPE_CHECKING:
     from bdrun.context import RunContext
+    from bdrun.state import RunData
 
 TRIGGER_KEYS = ("pattern", "size", "location", "margin", "image", "target")
 
@@ -23,6 +24,14 @@ TRIGGER_KEYS = ("pattern", "size", "location", "margin", "image", "target")
 def split_count(total: int, parts: int) -> list[int]:
     """`total` split into `parts` near-equal counts (the first ones take the remainder)."""
     return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+# the CSAW-HackML-style default: three 3x3 patches at different corners, three targets
+DEFAULT_TRIGGERS = (
+    {"pattern": "white", "size": 3, "location": "bottom_right", "margin": 1, "target": 0},
+    {"pattern": "checkerboard", "size": 3, "location": "top_left", "margin": 1, "target": 1},
+    {"pattern": "checkerboard", "size": 3, "location": "bottom_left", "margin": 1, "target": 2},
+)
 
 
 class MultiTrigger(Attack):
@@ -43,7 +52,7 @@ class MultiTrigger(Attack):
 
     name = "multi_trigger"
 
-    def __init__(self, triggers: Sequence[Mapping[str, Any]] = (), **base) -> None:
+    def __init__(self, triggers: Sequence[Mapping[str, Any]] = DEFAULT_TRIGGERS, **base) -> None:
         super().__init__(**base)
         self.trigger_specs = [dict(spec) for spec in triggers]
         self.trigger_of: Tensor | None = None  # per training sample: trigger index, -1 = clean
@@ -69,6 +78,10 @@ class MultiTrigger(Attack):
 
     def apply_trigger(self, x: Tensor) -> Tensor:
         return self.triggers[0].apply_trigger(x)
+
+    def trigger_region(self) -> Tensor:
+        regions = [trigger.trigger_region() for trigger in self.triggers]
+        return torch.stack(regions).any(0)
 
     def poison(self, train: ImageSet, g: torch.Generator) -> ImageSet:
         counts = split_count(round(self.poison_rate * len(train)), len(self.triggers))
@@ -103,9 +116,11 @@ class MultiTrigger(Attack):
             torch.cat([p.orig_y for p in parts]),
         )
 
-    def evaluate(self, predict_fn: Callable[[Tensor], Tensor], ctx: RunContext) -> dict[str, float]:
+    def evaluate(
+        self, predict_fn: Callable[[Tensor], Tensor], data: RunData, ctx: RunContext
+    ) -> dict[str, float]:
         """Per-trigger ASR and RA over each trigger's part of the backdoor test set."""
-        bd = ctx.backdoor_test
+        bd = data.backdoor_test
         preds = predict_fn(bd.x)
         figures: dict[str, float] = {}
         for k, part in enumerate(self._slices):

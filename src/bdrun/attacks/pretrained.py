@@ -27,6 +27,7 @@ from bdrun.metrics import accuracy
 
 if TYPE_CHECKING:
     from bdrun.context import RunContext
+    from bdrun.state import RunData
 
 UNKNOWN_LABEL = -1  # orig_y of a poisoned input whose true label the file does not give
 
@@ -78,6 +79,7 @@ class Pretrained(Attack):
     """
 
     name = "pretrained"
+    stamps_inputs = False  # its backdoor inputs come from the poisoned files
 
     def __init__(
         self,
@@ -164,12 +166,14 @@ class Pretrained(Attack):
         )
         return self._backdoor
 
-    def pretrained(self, ctx: RunContext) -> nn.Module:
+    def pretrained(self, poisoned_train: ImageSet, ctx: RunContext) -> nn.Module:
         from bdrun.models.weights import load_weights
 
         return load_weights(ctx.new_model(), self.weights)
 
-    def evaluate(self, predict_fn: Callable[[Tensor], Tensor], ctx: RunContext) -> dict[str, float]:
+    def evaluate(
+        self, predict_fn: Callable[[Tensor], Tensor], data: RunData, ctx: RunContext
+    ) -> dict[str, float]:
         """With several poisoned files, one ASR per file. (RA is NaN without true labels: the
         files' unknown labels are -1, which accuracy leaves out.)"""
         figures: dict[str, float] = {}

@@ -35,7 +35,7 @@ class PruningAware(BadNets):
     poisoned data, so backdoor and clean tasks share the remaining channels; (4) re-instate the
     pruned channels with their clean weights and biases lowered until they stay dormant on clean
     and backdoored inputs. Every training stage runs through `ctx.train_cached` (stage 1 is the
-    shared "surrogate" clean model), and `pretrained(ctx)` hands the result to the pipeline.
+    shared "surrogate" clean model), and `pretrained(poisoned_train, ctx)` hands the result to the pipeline.
     The trigger and its settings are BadNets'.
 
     Parameters:
@@ -82,10 +82,10 @@ class PruningAware(BadNets):
             )
         return layer, rank or layer
 
-    def fit(self, clean_train: ImageSet, ctx: RunContext) -> None:
+    def fit(self, clean_train: ImageSet, test: ImageSet, ctx: RunContext) -> None:
         self._clean_train = clean_train  # stage 1 trains on it; stage 4 checks dormancy on it
 
-    def pretrained(self, ctx: RunContext) -> nn.Module:
+    def pretrained(self, poisoned_train: ImageSet, ctx: RunContext) -> nn.Module:
         clean_train = self._clean_train
         batch, device = ctx.settings.eval_batch_size, ctx.device
         # (1) the clean model, shared with other attacks that need one
@@ -102,7 +102,7 @@ class PruningAware(BadNets):
         handle = mask_channels(pruned_model, layer, keep)
         try:
             retrained, retrain_status = ctx.train_cached(
-                ctx.train_set,
+                poisoned_train,
                 model=pruned_model,
                 stream="pruning-aware",
                 extra_key={"pruned": keep.tolist(), "layer": layer},
@@ -119,7 +119,7 @@ class PruningAware(BadNets):
             conv.bias[~keep] = clean_conv.bias[~keep]
             peaks = torch.maximum(
                 channel_stats(model, layer, clean_train.x, batch, device)[1],
-                channel_stats(model, layer, ctx.train_set.x, batch, device)[1],
+                channel_stats(model, layer, poisoned_train.x, batch, device)[1],
             )
             conv.bias[~keep] -= peaks[~keep].clamp_min(0) * (1 + self.dormancy_margin)
         return model.eval()

@@ -34,10 +34,11 @@ class SIG(Attack):
         delta: float = 40.0,
         frequency: float = 6.0,
         test_delta: float | None = None,
+        poison_rate: float = 0.05,
         **base,
     ) -> None:
         base.setdefault("clean_label", True)
-        super().__init__(**base)
+        super().__init__(poison_rate=poison_rate, **base)
         self.delta = float(delta)
         self.frequency = float(frequency)
         self.test_delta = float(test_delta) if test_delta is not None else self.delta

@@ -18,6 +18,7 @@ from bdrun.rng import derive_seed
 
 if TYPE_CHECKING:
     from bdrun.context import RunContext
+    from bdrun.state import RunData
 
 METHODS = ("cluster", "feature")
 FEATURES = ("label", "brightness")
@@ -78,6 +79,7 @@ class Subpopulation(Attack):
     """
 
     name = "subpopulation"
+    stamps_inputs = False  # the subpopulation itself is the key
 
     def __init__(
         self,
@@ -159,15 +161,15 @@ class Subpopulation(Attack):
         self.chosen_cluster = int(chosen)
         return train_ids == self.chosen_cluster, test_ids == self.chosen_cluster
 
-    def fit(self, clean_train: ImageSet, ctx: RunContext) -> None:
+    def fit(self, clean_train: ImageSet, test: ImageSet, ctx: RunContext) -> None:
         """Find the subpopulation and its flip class with the attacker's clean model."""
         model, _ = ctx.train_cached(clean_train, stream="surrogate")
         if self.method == "cluster":
             self.train_members, self.test_members = self.cluster_members(
-                model, clean_train, ctx.test, ctx
+                model, clean_train, test, ctx
             )
         else:
-            self.train_members, self.test_members = self.feature_members(clean_train, ctx.test)
+            self.train_members, self.test_members = self.feature_members(clean_train, test)
         if not self.train_members.any() or not self.test_members.any():
             raise BdrunError(
                 f"the subpopulation ({self.describe()}) has {int(self.train_members.sum())} "
@@ -179,8 +181,8 @@ class Subpopulation(Attack):
         eligible = int((self.train_members & (clean_train.y != self.target)).sum())
         self.poison_rate = round(self.fraction * eligible) / len(clean_train)
         # the clean model's accuracy inside / outside the subpopulation: the damage reference
-        clean_preds = predict(model, ctx.test.x, batch, device)
-        self._clean_accuracy = self.split_accuracy(clean_preds, ctx.test.y)
+        clean_preds = predict(model, test.x, batch, device)
+        self._clean_accuracy = self.split_accuracy(clean_preds, test.y)
         model.cpu()
 
     def describe(self) -> str:
@@ -204,7 +206,7 @@ class Subpopulation(Attack):
 
     def backdoor_test(self, test: ImageSet) -> ImageSet:
         if not hasattr(self, "test_members"):
-            raise RuntimeError("Subpopulation.fit(clean_train, ctx) must run first")
+            raise RuntimeError("Subpopulation.fit(clean_train, test, ctx) must run first")
         keep = self.test_members & (test.y != self.target)
         subset = test.subset(keep)
         return subset.replace(
@@ -213,8 +215,10 @@ class Subpopulation(Attack):
             orig_y=subset.y.clone(),
         )
 
-    def evaluate(self, predict_fn: Callable[[Tensor], Tensor], ctx: RunContext) -> dict[str, Any]:
-        inside, outside = self.split_accuracy(predict_fn(ctx.test.x), ctx.test.y)
+    def evaluate(
+        self, predict_fn: Callable[[Tensor], Tensor], data: RunData, ctx: RunContext
+    ) -> dict[str, Any]:
+        inside, outside = self.split_accuracy(predict_fn(data.test.x), data.test.y)
         clean_inside, clean_outside = self._clean_accuracy
         return {
             "target_damage": clean_inside - inside,

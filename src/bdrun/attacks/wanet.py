@@ -20,6 +20,7 @@ from bdrun.training import TrainingHook
 if TYPE_CHECKING:
     from bdrun.context import RunContext
     from bdrun.lightning_loop import ClassifierModule
+    from bdrun.state import RunData
 
 
 def warping_field(k: int, height: int, width: int, g: torch.Generator) -> Tensor:
@@ -99,10 +100,12 @@ class WaNet(Attack):
     def training_hooks(self) -> list[TrainingHook]:
         return [WarpNoiseHook(self)] if self.cross_ratio > 0 else []
 
-    def evaluate(self, predict_fn: Callable[[Tensor], Tensor], ctx: RunContext) -> dict[str, float]:
+    def evaluate(
+        self, predict_fn: Callable[[Tensor], Tensor], data: RunData, ctx: RunContext
+    ) -> dict[str, float]:
         """Noise-mode accuracy: share of test inputs warped with a noisy grid that keep their
         true label (the authors' "cross" accuracy; high means the backdoor is warp-specific)."""
-        test = ctx.test
+        test = data.test
         grids = self.noisy_grids(len(test), ctx.generator("wanet-noise-test"))
         noisy = self.triggered(test.x, lambda xf: warp(xf, grids))
         return {"noise_acc": accuracy(predict_fn(noisy), test.y)}

@@ -31,6 +31,7 @@ from bdrun.training import TrainingHook, TrainSettings
 if TYPE_CHECKING:
     from bdrun.context import RunContext
     from bdrun.lightning_loop import ClassifierModule
+    from bdrun.state import RunData
 
 log = logging.getLogger(__name__)
 
@@ -302,11 +303,11 @@ class AntiBackdoorLearning(Defense):
         isolated[losses.topk(count, largest=False).indices] = True
         return isolated
 
-    def train(self, data: ImageSet, ctx: RunContext) -> nn.Module:
-        isolated = self.isolate(data, ctx)
-        self._report = removal_metrics(isolated, data.poison)
+    def train(self, train_set: ImageSet, data: RunData, ctx: RunContext) -> nn.Module:
+        isolated = self.isolate(train_set, ctx)
+        self._report = removal_metrics(isolated, train_set.poison)
         # the defender's own check of ABL's premise that a backdoor is tied to one class
-        share = float(data.y[isolated].bincount().max()) / int(isolated.sum())
+        share = float(train_set.y[isolated].bincount().max()) / int(isolated.sum())
         self._report["isolated_top_label_share"] = share
         log.info("ABL isolated %d samples: %s", int(isolated.sum()), self._report)
         if share < 0.9:
@@ -321,7 +322,7 @@ class AntiBackdoorLearning(Defense):
         epochs = ctx.settings.epochs if self.finetune_epochs is None else self.finetune_epochs
         if epochs > 0:
             model, status = ctx.train_cached(
-                data.subset(~isolated),
+                train_set.subset(~isolated),
                 settings=dataclasses.replace(ctx.settings, epochs=epochs),
                 model=model,
                 extra_key={"abl": "train on without the isolated samples"},
@@ -340,7 +341,7 @@ class AntiBackdoorLearning(Defense):
         )
         stop = UnlearningStop(self.unlearning_stop)
         model, status = ctx.train_cached(
-            data.subset(isolated),
+            train_set.subset(isolated),
             hooks=[UNLEARNING_LOSSES[self.unlearning_loss](), stop],
             settings=unlearning,
             model=model,

@@ -26,6 +26,7 @@ from bdrun.rng import derive_seed
 
 if TYPE_CHECKING:
     from bdrun.context import RunContext
+    from bdrun.state import RunData
 
 log = logging.getLogger(__name__)
 
@@ -190,19 +191,19 @@ class ActivationClustering(Defense):
             classes.append(ClassClusters(int(label), rows, kmeans.labels_, flagged))
         return removed, classes
 
-    def inspect_data(self, data: ImageSet, ctx: RunContext) -> Tensor:
-        model = ctx.poisoned_model()
-        feats = self.representation(model, data, ctx)
-        reference = self.representation(model, ctx.holdout, ctx)
+    def inspect_data(self, model: nn.Module, data: RunData, ctx: RunContext) -> Tensor:
+        train, holdout = data.train, data.holdout
+        feats = self.representation(model, train, ctx)
+        reference = self.representation(model, holdout, ctx)
         seed = derive_seed(ctx.seed, self.seed_stream) % (2**31 - 1)
         removed, classes = self.cluster_classes(
-            feats, data.y.numpy(), reference, ctx.holdout.y.numpy(), seed
+            feats, train.y.numpy(), reference, holdout.y.numpy(), seed
         )
         removed_t = torch.from_numpy(removed)
-        self._report = removal_metrics(removed_t, data.poison)
+        self._report = removal_metrics(removed_t, train.poison)
         log.info("%s removed %d samples: %s", self.name, int(removed.sum()), self._report)
         ctx.logger.log_table(
-            f"{self.name}/per_class", *per_class_rows(data.y, removed_t, data.poison)
+            f"{self.name}/per_class", *per_class_rows(train.y, removed_t, train.poison)
         )
         self.describe(feats, classes, ctx)
         return ~removed_t

@@ -1,12 +1,16 @@
 """The four stages a defense can act in; each is a no-op unless a defense overrides it.
 
-The runner calls them in pipeline order:
+The runner calls them in pipeline order, each with the model it acts on, the run's frozen data
+(`bdrun.state.RunData`) and a context of tools (`bdrun.context.RunContext`: trainer, cache,
+scorer, logger, seeded generators):
 1. `inspect_data` (data-inspection defenses: spectral signatures, activation clustering)
-   returns a keep-mask over the poisoned training set;
+   returns a keep-mask over the poisoned training set `data.train`;
 2. `train` (training-time defenses: ABL) returns a model trained its own way;
 3. `repair` (model-repair defenses: pruning, fine-tuning, Neural Cleanse unlearning) returns a
    repaired model;
 4. `detector` (run-time input detectors: STRIP) returns a calibrated InputDetector.
+A defense decides with `data.holdout` (clean) and the model only; `data.train.poison`,
+`data.test` and `data.backdoor_test` are ground truth for its figures and scores.
 Defenses compose: `defense=[fine_pruning,strip]` runs each stage of each defense in order.
 """
 
@@ -19,6 +23,7 @@ from torch import Tensor, nn
 if TYPE_CHECKING:
     from bdrun.context import RunContext
     from bdrun.data.base import ImageSet
+    from bdrun.state import RunData
 
 
 class InputDetector:
@@ -51,24 +56,27 @@ class Defense:
 
     name = "defense"
 
-    def inspect_data(self, data: ImageSet, ctx: RunContext) -> Tensor | None:
-        """A bool keep-mask over `data` (the poisoned training set), or None to keep everything."""
+    def inspect_data(self, model: nn.Module, data: RunData, ctx: RunContext) -> Tensor | None:
+        """A bool keep-mask over `data.train` (the poisoned training set), from the poisoned
+        `model`, or None to keep everything."""
         return None
 
-    def train(self, data: ImageSet, ctx: RunContext) -> nn.Module | None:
-        """A model trained the defense's way on `data`, or None for standard training."""
+    def train(self, train_set: ImageSet, data: RunData, ctx: RunContext) -> nn.Module | None:
+        """A model trained the defense's way on `train_set` (data.train less what inspectors
+        removed), or None for standard training."""
         return None
 
-    def repair(self, model: nn.Module, ctx: RunContext) -> nn.Module:
+    def repair(self, model: nn.Module, data: RunData, ctx: RunContext) -> nn.Module:
         """A repaired copy of `model` (never modify the argument: it is the cached model)."""
         return model
 
-    def detector(self, model: nn.Module, ctx: RunContext) -> InputDetector | None:
+    def detector(self, model: nn.Module, data: RunData, ctx: RunContext) -> InputDetector | None:
         """A detector calibrated on clean holdout data, or None."""
         return None
 
     def report(self) -> dict[str, Any]:
-        """Extra figures this defense wants in results.json under metrics.detection."""
+        """Extra figures this defense wants in results.json under metrics.detection (plain
+        JSON values: numbers, strings, booleans, lists, dicts)."""
         return {}
 
 

@@ -27,6 +27,7 @@ from bdrun.training import coerce
 if TYPE_CHECKING:
     from bdrun.context import RunContext
     from bdrun.data.base import ImageSet
+    from bdrun.state import RunData
 
 log = logging.getLogger(__name__)
 
@@ -88,12 +89,12 @@ class FinePruning(Prune):
         self.rounds: list[dict[str, Any]] = []
         self.holdout_acc_final: float | None = None
 
-    def repair(self, model: nn.Module, ctx: RunContext) -> nn.Module:
+    def repair(self, model: nn.Module, data: RunData, ctx: RunContext) -> nn.Module:
         if self.mode == "iterative":
-            return self.iterate(model, ctx)
-        pruned = self.pruned_copy(model, ctx)
-        tuned = finetune(pruned, ctx.holdout, ctx, self.lr, self.epochs, stream="fine-pruning")
-        self.holdout_acc_final = self.accuracy(tuned, ctx.holdout, ctx)
+            return self.iterate(model, data.holdout, ctx)
+        pruned = self.pruned_copy(model, data, ctx)
+        tuned = finetune(pruned, data.holdout, ctx, self.lr, self.epochs, stream="fine-pruning")
+        self.holdout_acc_final = self.accuracy(tuned, data.holdout, ctx)
         return make_permanent(tuned)
 
     # -- iterative ------------------------------------------------------------------------------
@@ -101,9 +102,8 @@ class FinePruning(Prune):
     def accuracy(model: nn.Module, data: ImageSet, ctx: RunContext) -> float:
         return accuracy(predict(model, data.x, ctx.settings.eval_batch_size, ctx.device), data.y)
 
-    def split_holdout(self, ctx: RunContext) -> tuple[ImageSet, ImageSet]:
+    def split_holdout(self, holdout: ImageSet, ctx: RunContext) -> tuple[ImageSet, ImageSet]:
         """(fine-tuning part, validation part) of the holdout, drawn with a seeded stream."""
-        holdout = ctx.holdout
         n_val = round(self.val_fraction * len(holdout))
         if n_val < 1 or n_val >= len(holdout):
             raise BdrunError(
@@ -128,8 +128,8 @@ class FinePruning(Prune):
             row.update(ctx.evaluate(model))
         return row
 
-    def iterate(self, model: nn.Module, ctx: RunContext) -> nn.Module:
-        tune, val = self.split_holdout(ctx)
+    def iterate(self, model: nn.Module, holdout: ImageSet, ctx: RunContext) -> nn.Module:
+        tune, val = self.split_holdout(holdout, ctx)
         site = resolve_site(model, self.prune_layer, self.rank_layer)
         batch, device = ctx.settings.eval_batch_size, ctx.device
         base = self.accuracy(model, val, ctx)

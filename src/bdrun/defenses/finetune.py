@@ -15,6 +15,7 @@ from bdrun.training import TrainSettings, coerce
 if TYPE_CHECKING:
     from bdrun.context import RunContext
     from bdrun.data.base import ImageSet
+    from bdrun.state import RunData
 
 
 def check_schedule(lr: Any, epochs: Any, prefix: str = "defense") -> tuple[float, int]:
@@ -79,5 +80,5 @@ class FineTune(Defense):
     def __init__(self, lr: float = 0.01, epochs: int = 10) -> None:
         self.lr, self.epochs = check_schedule(lr, epochs)
 
-    def repair(self, model: nn.Module, ctx: RunContext) -> nn.Module:
-        return finetune(model, ctx.holdout, ctx, self.lr, self.epochs, stream="finetune")
+    def repair(self, model: nn.Module, data: RunData, ctx: RunContext) -> nn.Module:
+        return finetune(model, data.holdout, ctx, self.lr, self.epochs, stream="finetune")

@@ -15,6 +15,7 @@ from bdrun.metrics import predict
 
 if TYPE_CHECKING:
     from bdrun.context import RunContext
+    from bdrun.state import RunData
 
 REFERENCES = ("original", "b0")
 
@@ -62,6 +63,8 @@ class GoodNet(Defense):
         other keys: FinePruning's (lr, epochs, prune_ratio, acc_drop, ...), for B'.
     """
 
+    param_sources = (FinePruning,)  # where the extra keyword parameters go
+
     def __init__(
         self, reference: str = "original", b0_prune_ratio: float = 0.05, **fine_pruning: Any
     ) -> None:
@@ -79,23 +82,25 @@ class GoodNet(Defense):
         self.reference: nn.Module | None = None
         self.figures: dict[str, Any] = {}
 
-    def repair(self, model: nn.Module, ctx: RunContext) -> nn.Module:
+    def repair(self, model: nn.Module, data: RunData, ctx: RunContext) -> nn.Module:
         """B' (returned, so the runner scores it behind the detector) and the reference kept."""
         self.fine_pruning.name = self.name
         self.b0.name = f"{self.name}_b0"
-        repaired = self.fine_pruning.repair(model, ctx)
-        self.reference = model if self.reference_kind == "original" else self.b0.repair(model, ctx)
+        repaired = self.fine_pruning.repair(model, data, ctx)
+        self.reference = (
+            model if self.reference_kind == "original" else self.b0.repair(model, data, ctx)
+        )
         return repaired
 
-    def detector(self, model: nn.Module, ctx: RunContext) -> InputDetector | None:
+    def detector(self, model: nn.Module, data: RunData, ctx: RunContext) -> InputDetector | None:
         if self.reference is None:  # repair did not run (never in the runner's order)
             raise BdrunError("goodnet needs its repair stage before its detector")
         detector = Disagreement(self.reference, model, ctx)
         # scoring only: flagged rates on the test sets, and B' on its own
-        flagged_clean = detector.score(ctx.test.x)
-        flagged_backdoor = detector.score(ctx.backdoor_test.x)
-        detector.remember(ctx.test.x, flagged_clean)
-        detector.remember(ctx.backdoor_test.x, flagged_backdoor)
+        flagged_clean = detector.score(data.test.x)
+        flagged_backdoor = detector.score(data.backdoor_test.x)
+        detector.remember(data.test.x, flagged_clean)
+        detector.remember(data.backdoor_test.x, flagged_backdoor)
         repaired_alone = ctx.evaluate(model)
         self.figures = {
             "reference": self.reference_kind,

@@ -38,6 +38,7 @@ from bdrun.training import coerce
 if TYPE_CHECKING:
     from bdrun.context import RunContext
     from bdrun.data.base import ImageSet
+    from bdrun.state import RunData
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +198,7 @@ class ModeConnectivityRepair(Defense):
             )
         self.path: list[dict[str, Any]] = []
 
-    def second_end(self, model: nn.Module, ctx: RunContext) -> nn.Module:
+    def second_end(self, model: nn.Module, data: RunData, ctx: RunContext) -> nn.Module:
         """w_1: the model fine-tuned on the holdout, or a second model trained on the poisoned
         training set from another initialisation (`end_model=retrain`)."""
         if self.end_model == "retrain":
@@ -209,7 +210,7 @@ class ModeConnectivityRepair(Defense):
                     if module is not fresh and hasattr(module, "reset_parameters"):
                         module.reset_parameters()
             second, status = ctx.train_cached(
-                ctx.train_set,
+                data.train,
                 stream="mcr-second-model",
                 model=fresh,
                 extra_key={"mcr": "second end model"},
@@ -218,7 +219,7 @@ class ModeConnectivityRepair(Defense):
             return second
         return finetune(
             model,
-            ctx.holdout,
+            data.holdout,
             ctx,
             self.finetune_lr,
             self.finetune_epochs,
@@ -226,9 +227,9 @@ class ModeConnectivityRepair(Defense):
             cache_key={"mcr": "fine-tuned end model"},
         )
 
-    def train_curve(self, model: nn.Module, ctx: RunContext) -> BezierCurve:
-        holdout: ImageSet = ctx.holdout
-        end = self.second_end(model, ctx)
+    def train_curve(self, model: nn.Module, data: RunData, ctx: RunContext) -> BezierCurve:
+        holdout = data.holdout
+        end = self.second_end(model, data, ctx)
         curve = BezierCurve(make_permanent(copy_model(model)), make_permanent(end))
         if self.epochs == 0:
             return curve.eval()
@@ -253,27 +254,28 @@ class ModeConnectivityRepair(Defense):
         log.info("MCR curve: cache %s", status)
         return curve
 
-    def point(self, curve: BezierCurve, t: float, ctx: RunContext) -> nn.Module:
+    def point(self, curve: BezierCurve, t: float, holdout: ImageSet, ctx: RunContext) -> nn.Module:
         """The model at t, BatchNorm statistics recomputed on the holdout."""
-        return update_bn(curve.model_at(t), ctx.holdout.x, ctx.settings.eval_batch_size, ctx.device)
+        return update_bn(curve.model_at(t), holdout.x, ctx.settings.eval_batch_size, ctx.device)
 
-    def score_path(self, curve: BezierCurve, ctx: RunContext) -> list[dict[str, Any]]:
+    def score_path(
+        self, curve: BezierCurve, data: RunData, ctx: RunContext
+    ) -> list[dict[str, Any]]:
         """Holdout accuracy and CCA / ASR / RA at `path_points` evenly spaced t (scoring)."""
         g = ctx.generator("mcr-path")
-        test = subsample(ctx.test, self.path_samples, g)
-        backdoor = subsample(ctx.backdoor_test, self.path_samples, g)
+        test = subsample(data.test, self.path_samples, g)
+        backdoor = subsample(data.backdoor_test, self.path_samples, g)
+        holdout = data.holdout
         batch, device = ctx.settings.eval_batch_size, ctx.device
         rows = []
         for t in torch.linspace(0, 1, self.path_points).tolist():
-            model = self.point(curve, t, ctx)
+            model = self.point(curve, t, holdout, ctx)
             clean_preds = predict(model, test.x, batch, device)
             bd_preds = predict(model, backdoor.x, batch, device)
             rows.append(
                 {
                     "t": round(t, 6),
-                    "holdout_acc": accuracy(
-                        predict(model, ctx.holdout.x, batch, device), ctx.holdout.y
-                    ),
+                    "holdout_acc": accuracy(predict(model, holdout.x, batch, device), holdout.y),
                     "cca": accuracy(clean_preds, test.y),
                     "asr": accuracy(bd_preds, backdoor.y),
                     "ra": accuracy(bd_preds, backdoor.orig_y),
@@ -281,11 +283,11 @@ class ModeConnectivityRepair(Defense):
             )
         return rows
 
-    def repair(self, model: nn.Module, ctx: RunContext) -> nn.Module:
-        if len(ctx.holdout) == 0:
+    def repair(self, model: nn.Module, data: RunData, ctx: RunContext) -> nn.Module:
+        if len(data.holdout) == 0:
             raise BdrunError("the clean holdout set is empty; raise dataset.holdout_fraction")
-        curve = self.train_curve(model, ctx)
-        self.path = self.score_path(curve, ctx)
+        curve = self.train_curve(model, data, ctx)
+        self.path = self.score_path(curve, data, ctx)
         write_curve(
             ctx.run_dir,
             "mcr_path",
@@ -297,7 +299,7 @@ class ModeConnectivityRepair(Defense):
             x_label="t along the path",
             stops=[{"t": self.t, "label": f"chosen t = {self.t:g}"}],
         )
-        return self.point(curve, self.t, ctx)
+        return self.point(curve, self.t, data.holdout, ctx)
 
     def report(self) -> dict[str, Any]:
         if not self.path:

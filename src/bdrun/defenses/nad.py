@@ -32,8 +32,8 @@ if TYPE_CHECKING:
     from torch.utils.hooks import RemovableHandle
 
     from bdrun.context import RunContext
-    from bdrun.data.base import ImageSet
     from bdrun.lightning_loop import ClassifierModule
+    from bdrun.state import RunData
 
 log = logging.getLogger(__name__)
 
@@ -206,8 +206,8 @@ class NeuralAttentionDistillation(Defense):
         first = min(self.lr_epochs, epochs)
         return [(lr, n) for lr, n in ((self.lr, first), (self.late_lr, epochs - first)) if n]
 
-    def repair(self, model: nn.Module, ctx: RunContext) -> nn.Module:
-        holdout: ImageSet = ctx.holdout
+    def repair(self, model: nn.Module, data: RunData, ctx: RunContext) -> nn.Module:
+        holdout = data.holdout
         if len(holdout) == 0:
             raise BdrunError("the clean holdout set is empty; raise dataset.holdout_fraction")
         layers = self.resolved_layers(model)

@@ -34,6 +34,7 @@ from bdrun.training import coerce
 
 if TYPE_CHECKING:
     from bdrun.context import RunContext
+    from bdrun.state import RunData
 
 MITIGATIONS = ("none", "unlearning", "pruning", "filter")
 CONSISTENCY = 1.4826  # MAD -> standard deviation for normally distributed norms (authors' code)
@@ -108,6 +109,8 @@ class NeuralCleanse(Defense):
         label_batch: reverse-engineering settings (bdrun.defenses.trigger_reversal).
     """
 
+    param_sources = (ReversalSettings,)  # where the extra keyword parameters go
+
     def __init__(
         self,
         mitigation: str = "unlearning",
@@ -167,10 +170,10 @@ class NeuralCleanse(Defense):
         self._analysed: nn.Module | None = None
 
     # -- detection -----------------------------------------------------------------------------
-    def analyse(self, model: nn.Module, ctx: RunContext) -> None:
+    def analyse(self, model: nn.Module, holdout: ImageSet, ctx: RunContext) -> None:
         """Reverse every label's trigger on the holdout and run the MAD outlier test."""
         self._analysed = model
-        x = ctx.holdout.x
+        x = holdout.x
         if self.max_samples is not None and len(x) > self.max_samples:
             pick = torch.randperm(len(x), generator=ctx.generator("nc-samples"))
             x = x[pick[: self.max_samples].sort().values]
@@ -224,23 +227,23 @@ class NeuralCleanse(Defense):
         return []
 
     # -- stages ----------------------------------------------------------------------------------
-    def repair(self, model: nn.Module, ctx: RunContext) -> nn.Module:
-        self.analyse(model, ctx)
+    def repair(self, model: nn.Module, data: RunData, ctx: RunContext) -> nn.Module:
+        self.analyse(model, data.holdout, ctx)
         self.figures["mitigation"] = self.mitigation
         targets = self.mitigation_labels()
         self.figures["mitigated_labels"] = targets
         if not targets or self.mitigation in ("none", "filter"):
             return model
         if self.mitigation == "unlearning":
-            return self.unlearn(model, ctx, targets)
-        return self.prune_neurons(model, ctx, targets)
+            return self.unlearn(model, data.holdout, ctx, targets)
+        return self.prune_neurons(model, data, ctx, targets)
 
-    def detector(self, model: nn.Module, ctx: RunContext) -> InputDetector | None:
+    def detector(self, model: nn.Module, data: RunData, ctx: RunContext) -> InputDetector | None:
         targets = self.mitigation_labels() if self.triggers is not None else []
         if self.mitigation != "filter" or not targets:
             return None
         assert self._analysed is not None
-        return self.build_filter(self._analysed, ctx, targets)
+        return self.build_filter(self._analysed, data, ctx, targets)
 
     def report(self) -> dict[str, Any]:
         return dict(self.figures)
@@ -259,10 +262,11 @@ class NeuralCleanse(Defense):
         x = to_storage(self.triggers.stamp(to_float(subset.x), which).clamp_(0, 1), like=subset.x)
         return subset.replace(x=x, y=self.triggers.labels[which], orig_y=subset.y)
 
-    def unlearn(self, model: nn.Module, ctx: RunContext, targets: list[int]) -> nn.Module:
+    def unlearn(
+        self, model: nn.Module, holdout: ImageSet, ctx: RunContext, targets: list[int]
+    ) -> nn.Module:
         """Fine-tune with reversed triggers stamped on a share of the holdout, labels kept."""
         assert self.triggers is not None
-        holdout = ctx.holdout
         g = ctx.generator("nc-unlearning")
         chosen = torch.randperm(len(holdout), generator=g)[
             : round(self.unlearn_fraction * len(holdout))
@@ -324,10 +328,12 @@ class NeuralCleanse(Defense):
     def activation_gap(self, activations: Any, clean: ImageSet, stamped: ImageSet) -> Tensor:
         return activations(stamped.x).mean(0) - activations(clean.x).mean(0)
 
-    def prune_neurons(self, model: nn.Module, ctx: RunContext, targets: list[int]) -> nn.Module:
+    def prune_neurons(
+        self, model: nn.Module, data: RunData, ctx: RunContext, targets: list[int]
+    ) -> nn.Module:
         """Prune the neurons the reversed trigger excites most, until it stops working."""
         activations, predictions, apply = self.neuron_scorer(model, ctx)
-        holdout = ctx.holdout
+        holdout = data.holdout
         stamped = self.stamped(holdout, targets, ctx.generator("nc-pruning"))
         order = torch.argsort(self.activation_gap(activations, holdout, stamped), descending=True)
         neurons = len(order)
@@ -352,7 +358,7 @@ class NeuralCleanse(Defense):
             }
             for k in range(neurons + 1)
         ]
-        self.score_prune_curve(ctx, predictions, keeps, rows)
+        self.score_prune_curve(data, predictions, keeps, rows)
         write_pruning_curve(
             ctx.run_dir,
             f"pruning_curve_{self.name}",
@@ -387,21 +393,24 @@ class NeuralCleanse(Defense):
 
     @staticmethod
     def score_prune_curve(
-        ctx: RunContext, predictions: Any, keeps: Tensor, rows: list[dict[str, Any]]
+        data: RunData, predictions: Any, keeps: Tensor, rows: list[dict[str, Any]]
     ) -> None:
         """CCA, ASR and RA of every pruning level on the test sets (scoring only)."""
-        clean = predictions(ctx.test.x, keeps)
-        backdoor = predictions(ctx.backdoor_test.x, keeps) if len(ctx.backdoor_test) else None
+        test, backdoor_test = data.test, data.backdoor_test
+        clean = predictions(test.x, keeps)
+        backdoor = predictions(backdoor_test.x, keeps) if len(backdoor_test) else None
         for k, row in enumerate(rows):
-            row["cca"] = accuracy(clean[k], ctx.test.y)
+            row["cca"] = accuracy(clean[k], test.y)
             if backdoor is not None:
-                row["asr"] = accuracy(backdoor[k], ctx.backdoor_test.y)
-                row["ra"] = accuracy(backdoor[k], ctx.backdoor_test.orig_y)
+                row["asr"] = accuracy(backdoor[k], backdoor_test.y)
+                row["ra"] = accuracy(backdoor[k], backdoor_test.orig_y)
 
-    def build_filter(self, model: nn.Module, ctx: RunContext, targets: list[int]) -> InputDetector:
+    def build_filter(
+        self, model: nn.Module, data: RunData, ctx: RunContext, targets: list[int]
+    ) -> InputDetector:
         """The input filter, calibrated on the clean holdout; scored on the test sets."""
         activations, _, _ = self.neuron_scorer(model, ctx)
-        holdout = ctx.holdout
+        holdout = data.holdout
         stamped = self.stamped(holdout, targets, ctx.generator("nc-filter"))
         gap = self.activation_gap(activations, holdout, stamped)
         top = max(1, round(self.filter_top * len(gap)))
@@ -409,10 +418,10 @@ class NeuralCleanse(Defense):
         clean_scores = activations(holdout.x)[:, neurons].mean(1)
         threshold = float(torch.quantile(clean_scores.double(), 1 - self.filter_fpr))
         detector = ActivationFilter(activations, neurons, threshold)
-        test_scores = detector.score(ctx.test.x)
-        bd_scores = detector.score(ctx.backdoor_test.x)
-        detector.remember(ctx.test.x, test_scores)
-        detector.remember(ctx.backdoor_test.x, bd_scores)
+        test_scores = detector.score(data.test.x)
+        bd_scores = detector.score(data.backdoor_test.x)
+        detector.remember(data.test.x, test_scores)
+        detector.remember(data.backdoor_test.x, bd_scores)
         self.figures["filter_neurons"] = neurons.tolist()
         self.figures.update(input_detection_metrics(test_scores, bd_scores, threshold))
         return detector

@@ -30,6 +30,7 @@ from bdrun.training import coerce
 if TYPE_CHECKING:
     from bdrun.context import RunContext
     from bdrun.data.base import ImageSet
+    from bdrun.state import RunData
 
 
 def fraction(value: Any, name: str, allow_none: bool = False) -> float | None:
@@ -149,30 +150,28 @@ class Prune(Defense):
             return round(self.prune_ratio * channels)
         return stop_count(holdout_acc, self.acc_drop)
 
-    def make_plan(
-        self, model: nn.Module, ctx: RunContext, data: ImageSet | None = None
-    ) -> PrunePlan:
-        """Rank the channels on clean `data` (default: the holdout), measure the holdout accuracy
-        at every pruning level, and pick the count; the curve is scored when `curve` is on."""
-        data = ctx.holdout if data is None else data
-        if len(data) == 0:
+    def make_plan(self, model: nn.Module, data: RunData, ctx: RunContext) -> PrunePlan:
+        """Rank the channels on the clean holdout, measure the holdout accuracy at every pruning
+        level, and pick the count; the curve is scored on the test sets when `curve` is on."""
+        holdout = data.holdout
+        if len(holdout) == 0:
             raise BdrunError("the clean holdout set is empty; raise dataset.holdout_fraction")
         site = resolve_site(model, self.prune_layer, self.rank_layer)
         batch, device = ctx.settings.eval_batch_size, ctx.device
-        activity = channel_activity(model, site.rank_layer, data.x, batch, device)
+        activity = channel_activity(model, site.rank_layer, holdout.x, batch, device)
         channels = len(activity)
         order = pruning_order(activity)
         every = list(range(channels + 1))
         preds = masked_predictions(
-            model, site.rank_layer, data.x, keep_rows(order, every, channels), batch, device
+            model, site.rank_layer, holdout.x, keep_rows(order, every, channels), batch, device
         )
-        holdout_acc = torch.tensor([accuracy(p, data.y) for p in preds], dtype=torch.float64)
+        holdout_acc = torch.tensor([accuracy(p, holdout.y) for p in preds], dtype=torch.float64)
         plan = PrunePlan(
             site, channels, order, holdout_acc, self.chosen_count(holdout_acc, channels)
         )
         stops = self.stop_points(plan)
         if self.curve:
-            plan.rows = self.cached_curve(model, ctx, plan, [s["pruned"] for s in stops])
+            plan.rows = self.cached_curve(model, data, ctx, plan, [s["pruned"] for s in stops])
             by_count = {row["pruned"]: row for row in plan.rows}
             for stop in stops:
                 stop.update({k: by_count[stop["pruned"]][k] for k in ("cca", "asr", "ra")})
@@ -204,7 +203,12 @@ class Prune(Defense):
         ]
 
     def cached_curve(
-        self, model: nn.Module, ctx: RunContext, plan: PrunePlan, extra: Sequence[int]
+        self,
+        model: nn.Module,
+        data: RunData,
+        ctx: RunContext,
+        plan: PrunePlan,
+        extra: Sequence[int],
     ) -> list[dict[str, Any]]:
         """`score_curve` at the grid levels through the cache, plus the stops off the grid: the
         jobs of a sweep over the fine-tuning lr or the prune ratio prune the same poisoned model
@@ -220,30 +224,36 @@ class Prune(Defense):
                 "order": plan.order,
                 "holdout_acc": plan.holdout_acc,
                 "counts": grid,
-                "test": [ctx.test.x, ctx.test.y],
-                "backdoor": [ctx.backdoor_test.x, ctx.backdoor_test.y, ctx.backdoor_test.orig_y],
+                "test": [data.test.x, data.test.y],
+                "backdoor": [data.backdoor_test.x, data.backdoor_test.y, data.backdoor_test.orig_y],
                 "curve_samples": self.curve_samples,
             }
         )
         meta = {"what": "pruning curve", "layer": plan.site.prune_layer, "levels": len(grid)}
         rows, self.curve_cache = ctx.cache.get_or_compute(
-            key, lambda: self.score_curve(model, ctx, plan, grid), meta
+            key, lambda: self.score_curve(model, data, ctx, plan, grid), meta
         )
         off_grid = sorted({*extra, plan.count} - set(grid))
         if off_grid:
             rows = sorted(
-                [*rows, *self.score_curve(model, ctx, plan, off_grid)], key=lambda r: r["pruned"]
+                [*rows, *self.score_curve(model, data, ctx, plan, off_grid)],
+                key=lambda r: r["pruned"],
             )
         return rows
 
     def score_curve(
-        self, model: nn.Module, ctx: RunContext, plan: PrunePlan, counts: Sequence[int]
+        self,
+        model: nn.Module,
+        data: RunData,
+        ctx: RunContext,
+        plan: PrunePlan,
+        counts: Sequence[int],
     ) -> list[dict[str, Any]]:
         """CCA, ASR and RA on the test sets at each of `counts` pruning levels (scoring only)."""
         keeps = keep_rows(plan.order, counts, plan.channels)
         g = ctx.generator("pruning-curve")
-        test = subsample(ctx.test, self.curve_samples, g)
-        backdoor = subsample(ctx.backdoor_test, self.curve_samples, g)
+        test = subsample(data.test, self.curve_samples, g)
+        backdoor = subsample(data.backdoor_test, self.curve_samples, g)
         batch, device = ctx.settings.eval_batch_size, ctx.device
         layer = plan.site.rank_layer
         clean_preds = masked_predictions(model, layer, test.x, keeps, batch, device)
@@ -265,14 +275,14 @@ class Prune(Defense):
         ]
 
     # -- the defense stage ---------------------------------------------------------------------
-    def pruned_copy(self, model: nn.Module, ctx: RunContext) -> nn.Module:
+    def pruned_copy(self, model: nn.Module, data: RunData, ctx: RunContext) -> nn.Module:
         """A copy of `model` with the planned channels masked (torch pruning masks kept, so
         they stay zero if the copy is trained further)."""
-        plan = self.make_plan(model, ctx)
+        plan = self.make_plan(model, data, ctx)
         return mask_channels(copy_model(model), plan.site, plan.pruned).eval()
 
-    def repair(self, model: nn.Module, ctx: RunContext) -> nn.Module:
-        return make_permanent(self.pruned_copy(model, ctx))
+    def repair(self, model: nn.Module, data: RunData, ctx: RunContext) -> nn.Module:
+        return make_permanent(self.pruned_copy(model, data, ctx))
 
     def report(self) -> dict[str, Any]:
         if self.plan is None:

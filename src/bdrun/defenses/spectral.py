@@ -12,9 +12,8 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from bdrun.data.base import ImageSet
 from bdrun.defenses.activations import penultimate
 from bdrun.defenses.base import Defense
 from bdrun.defenses.detection import per_class_rows, removal_metrics
@@ -22,32 +21,12 @@ from bdrun.errors import BdrunError
 
 if TYPE_CHECKING:
     from bdrun.context import RunContext
+    from bdrun.state import RunData
 
 log = logging.getLogger(__name__)
 
 CENTRES = ("holdout", "class")
 SCOPES = ("global", "per_class")
-
-
-FALLBACK_RATE = 0.1
-
-
-def expected_poison_rate(configured: float | None, ctx: RunContext) -> float:
-    """The defender's assumed poison rate: the configured one, else the attack's own rate, else
-    0.1 (an attack that poisons nothing here, such as a model trained elsewhere)."""
-    if configured is not None:
-        rate = float(configured)
-        if not 0 < rate <= 1:
-            raise BdrunError(f"defense.expected_poison_rate={rate} must be in (0, 1]")
-        return rate
-    rate = float(getattr(ctx.attack, "poison_rate", 0.0) or 0.0)
-    if 0 < rate <= 1:
-        return rate
-    log.warning(
-        "the attack states no poison rate; assuming %s (set defense.expected_poison_rate)",
-        FALLBACK_RATE,
-    )
-    return FALLBACK_RATE
 
 
 def outlier_scores(
@@ -99,7 +78,8 @@ class SpectralSignatures(Defense):
     Parameters:
         removal_factor: remove this multiple of the expected poison count (1.5, Algorithm 1).
         expected_poison_rate: the defender's upper bound on the poisoned share of the training
-            set (Tran et al.'s epsilon, assumed known); null takes the attack's poison_rate.
+            set (Tran et al.'s epsilon, assumed known to the defender; 0.1, the default attacks'
+            rate). A defense parameter: the defender never reads the attack's settings.
         centre: "holdout" (default) measures scores from the class mean of the clean holdout;
             "class" from the mean of the class's training samples, as in the paper. When poisons
             make up about half of the target class (BadNets at 10 % of all samples), the class mean
@@ -116,33 +96,37 @@ class SpectralSignatures(Defense):
     def __init__(
         self,
         removal_factor: float = 1.5,
-        expected_poison_rate: float | None = None,
+        expected_poison_rate: float = 0.1,
         centre: str = "holdout",
         scope: str = "global",
         min_holdout_per_class: int = 10,
     ) -> None:
         if float(removal_factor) <= 0:
             raise BdrunError(f"defense.removal_factor={removal_factor} must be > 0")
+        if not 0 < float(expected_poison_rate) <= 1:
+            raise BdrunError(
+                f"defense.expected_poison_rate={expected_poison_rate} must be in (0, 1], e.g. 0.1"
+            )
         if centre not in CENTRES:
             raise BdrunError(f"defense.centre={centre!r} must be one of {', '.join(CENTRES)}")
         if scope not in SCOPES:
             raise BdrunError(f"defense.scope={scope!r} must be one of {', '.join(SCOPES)}")
         self.removal_factor = float(removal_factor)
-        self.expected_poison_rate = expected_poison_rate
+        self.expected_poison_rate = float(expected_poison_rate)
         self.centre = centre
         self.scope = scope
         self.min_holdout_per_class = int(min_holdout_per_class)
         self._report: dict[str, Any] = {}
 
-    def inspect_data(self, data: ImageSet, ctx: RunContext) -> Tensor:
-        model = ctx.poisoned_model()
+    def inspect_data(self, model: nn.Module, data: RunData, ctx: RunContext) -> Tensor:
+        holdout, data = data.holdout, data.train
         batch = ctx.settings.eval_batch_size
         feats = penultimate(model, data.x, batch, ctx.device)
-        reference = penultimate(model, ctx.holdout.x, batch, ctx.device)
+        reference = penultimate(model, holdout.x, batch, ctx.device)
         scores = outlier_scores(
-            feats, data.y, reference, ctx.holdout.y, self.centre, self.min_holdout_per_class
+            feats, data.y, reference, holdout.y, self.centre, self.min_holdout_per_class
         )
-        share = min(self.removal_factor * expected_poison_rate(self.expected_poison_rate, ctx), 1.0)
+        share = min(self.removal_factor * self.expected_poison_rate, 1.0)
         if self.scope == "global":
             removed = torch.zeros(len(data), dtype=torch.bool)
             removed[scores.topk(min(round(share * len(data)), len(data))).indices] = True

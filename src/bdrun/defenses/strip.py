@@ -24,6 +24,7 @@ from bdrun.rng import generator
 
 if TYPE_CHECKING:
     from bdrun.context import RunContext
+    from bdrun.state import RunData
 
 log = logging.getLogger(__name__)
 
@@ -161,8 +162,8 @@ class Strip(Defense):
         self.overlay_share = float(overlay_share)
         self._report: dict[str, Any] = {}
 
-    def detector(self, model: nn.Module, ctx: RunContext) -> InputDetector:
-        holdout = ctx.holdout
+    def detector(self, model: nn.Module, data: RunData, ctx: RunContext) -> InputDetector:
+        holdout = data.holdout
         if len(holdout) < 2:
             raise BdrunError(
                 f"STRIP needs clean holdout images but the holdout has {len(holdout)}; "
@@ -190,7 +191,7 @@ class Strip(Defense):
         )
 
         # score the test sets once: for the detection figures here and the evaluation after
-        clean, trojaned = ctx.test.x, ctx.backdoor_test.x
+        clean, trojaned = data.test.x, data.backdoor_test.x
         clean_scores, trojan_scores = -detector.entropy(clean), -detector.entropy(trojaned)
         detector.remember(clean, clean_scores)
         detector.remember(trojaned, trojan_scores)

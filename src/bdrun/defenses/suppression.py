@@ -21,6 +21,7 @@ from bdrun.rng import generator
 
 if TYPE_CHECKING:
     from bdrun.context import RunContext
+    from bdrun.state import RunData
 
 DISTRIBUTIONS = ("uniform", "gaussian")
 
@@ -106,7 +107,7 @@ class Suppression(Defense):
         self.noise = float(noise)
         self.distribution = distribution
 
-    def repair(self, model: nn.Module, ctx: RunContext) -> nn.Module:
+    def repair(self, model: nn.Module, data: RunData, ctx: RunContext) -> nn.Module:
         return VotingClassifier(
             model,
             self.replicas,

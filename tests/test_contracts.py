@@ -1,0 +1,103 @@
+"""Behavioural contract tests over every conf/attack and conf/defense YAML (tests/contracts.py
+says what each promise is), and proof that they catch broken components: an attack whose
+trigger does nothing and a defense that zeroes the cached model in place both fail them."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from bdrun.attacks.badnets import BadNets
+from bdrun.defenses.finetune import FineTune
+from bdrun.loggers import RunLogger
+from bdrun.runner import Prepared, build_defenses, prepare
+
+from conftest import attack_overrides, compose_config, conf_options, poison_only
+from contracts import (
+    check_backdoor_test,
+    check_defense,
+    check_poisoned_set,
+    check_trigger_function,
+)
+
+ATTACKS = conf_options("attack")
+DEFENSES = conf_options("defense")
+# random 16x16 colour images: every trigger changes every image it touches
+FAKE = ("dataset=fake", "dataset.source.shape=[3,16,16]", "dataset.source.n_train=600")
+DIGITS_SMOKE = ("debug=smoke", "logger=none")
+
+
+class InertBadNets(BadNets):
+    """Sabotaged: the trigger function returns its input unchanged."""
+
+    def apply_trigger(self, x: Tensor) -> Tensor:
+        return x
+
+
+class ZeroingFineTune(FineTune):
+    """Sabotaged: zeroes the model it is given in place, then fine-tunes it."""
+
+    def repair(self, model: nn.Module, data, ctx) -> nn.Module:
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.zero_()
+        return super().repair(model, data, ctx)
+
+
+def attack_contract(tmp_path, name: str, *overrides: str) -> None:
+    extra = attack_overrides(name, tmp_path, *FAKE)  # a pretrained model and its poisoned file
+    first = poison_only(tmp_path / "a", *FAKE, f"attack={name}", *extra, *overrides)
+    attack, test = first.attack, first.setup.splits.test
+    if attack.stamps_inputs:
+        check_trigger_function(attack, test.x[:32])
+    check_poisoned_set(attack, first.clean_train, first.poisoned, name)
+    check_backdoor_test(attack, test, first.backdoor_test, name)
+    again = poison_only(tmp_path / "b", *FAKE, f"attack={name}", *extra, *overrides)
+    assert torch.equal(again.poisoned.x, first.poisoned.x), "poisoning differs for one seed"
+    assert torch.equal(again.poisoned.y, first.poisoned.y)
+    assert torch.equal(again.backdoor_test.x, first.backdoor_test.x)
+
+
+@pytest.mark.parametrize("name", ATTACKS)
+def test_attack_contract(name, tmp_path):
+    attack_contract(tmp_path, name)
+
+
+def test_the_attack_contract_catches_a_trigger_that_does_nothing(tmp_path):
+    with pytest.raises(AssertionError, match="unchanged"):
+        attack_contract(tmp_path, "badnets", "attack._target_=test_contracts.InertBadNets")
+
+
+@pytest.fixture(scope="module")
+def poisoned_run(tmp_path_factory) -> Prepared:
+    """One smoke-sized BadNets model on digits, shared by every defense's contract test."""
+    return prepare(compose_config(*DIGITS_SMOKE), tmp_path_factory.mktemp("poisoned-run"))
+
+
+def defense_contract(prepared: Prepared, tmp_path, name: str, *overrides: str) -> None:
+    (defense,) = build_defenses(compose_config(*DIGITS_SMOKE, f"defense={name}", *overrides))
+    ctx = dataclasses.replace(prepared.ctx, run_dir=tmp_path, logger=RunLogger(tmp_path))
+    check_defense(defense, prepared.model, prepared.data, ctx)
+
+
+@pytest.mark.parametrize("name", DEFENSES)
+def test_defense_contract(name, poisoned_run, tmp_path):
+    defense_contract(poisoned_run, tmp_path, name)
+
+
+def test_the_defense_contract_catches_a_repair_that_changes_the_given_model(poisoned_run, tmp_path):
+    model = poisoned_run.model
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        with pytest.raises(AssertionError, match="repair modified the given model"):
+            defense_contract(
+                poisoned_run,
+                tmp_path,
+                "finetune",
+                "defense._target_=test_contracts.ZeroingFineTune",
+            )
+    finally:
+        model.load_state_dict(saved)  # the other tests share this model
