@@ -149,6 +149,7 @@ class RunContext:
         extra_key: dict[str, Any] | None = None,
         stream: str = "train",
         model: nn.Module | None = None,
+        attack_hooks: bool = True,
     ) -> tuple[nn.Module, str]:
         """Like `train`, through the model cache; returns (model, "hit" | "miss" | "off").
 
@@ -156,8 +157,10 @@ class RunContext:
         defense's settings, the hooks' configuration, forward hooks on `model`). `model`, if
         given, is trained (or loaded) in place instead of a fresh one; its weights join the key.
         Modules the hooks train along (`TrainingHook.modules()`) are stored in the same entry.
+        `attack_hooks=False`: the defender's own training (see `train`).
         """
         settings = settings or self.settings
+        used_attack_hooks = self.attack_hooks if attack_hooks else ()
         key = content_key(
             {
                 **self.key_parts,
@@ -167,11 +170,13 @@ class RunContext:
                 "extra": extra_key or {},
                 "stream": stream,
                 **({"init": dict(model.state_dict())} if model is not None else {}),
+                # only when off, so the keys of every existing entry stay as they were
+                **({} if attack_hooks else {"attack_hooks": False}),
             }
         )
         companions = {
             f"{type(hook).__name__}.{name}": module
-            for hook in [*self.attack_hooks, *hooks]
+            for hook in [*used_attack_hooks, *hooks]
             for name, module in hook.modules().items()
         }
         meta = {
@@ -186,7 +191,13 @@ class RunContext:
             key,
             target,
             lambda: self.train(
-                data, hooks, settings, model=target, stream=stream, checkpoint_dir=checkpoints
+                data,
+                hooks,
+                settings,
+                model=target,
+                stream=stream,
+                attack_hooks=attack_hooks,
+                checkpoint_dir=checkpoints,
             ),
             meta,
             companions,

@@ -10,12 +10,14 @@ paper), 2-means; the runner then retrains on the kept samples. scikit-learn does
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from bdrun.data.base import ImageSet
 from bdrun.defenses.activations import penultimate
 from bdrun.defenses.base import Defense
 from bdrun.defenses.detection import per_class_rows, removal_metrics
@@ -30,6 +32,16 @@ log = logging.getLogger(__name__)
 
 REDUCTIONS = ("pca", "ica")
 ANALYSES = ("holdout", "size", "silhouette", "smaller")
+
+
+@dataclass
+class ClassClusters:
+    """One label's clustering: its rows of the training set, their clusters, the flagged ones."""
+
+    label: int
+    rows: np.ndarray
+    assigned: np.ndarray
+    flagged: list[int]
 
 
 class ActivationClustering(Defense):
@@ -58,6 +70,7 @@ class ActivationClustering(Defense):
     """
 
     name = "activation_clustering"
+    analyses: tuple[str, ...] = ANALYSES
 
     def __init__(
         self,
@@ -74,8 +87,10 @@ class ActivationClustering(Defense):
     ) -> None:
         if reduce not in REDUCTIONS:
             raise BdrunError(f"defense.reduce={reduce!r} must be one of {', '.join(REDUCTIONS)}")
-        if analysis not in ANALYSES:
-            raise BdrunError(f"defense.analysis={analysis!r} must be one of {', '.join(ANALYSES)}")
+        if analysis not in self.analyses:
+            raise BdrunError(
+                f"defense.analysis={analysis!r} must be one of {', '.join(self.analyses)}"
+            )
         if int(dims) < 1 or int(clusters) < 2:
             raise BdrunError(
                 f"defense.dims={dims} must be >= 1 and defense.clusters={clusters} >= 2"
@@ -100,9 +115,15 @@ class ActivationClustering(Defense):
         return FastICA(n_components=dims, whiten="unit-variance", max_iter=1000, random_state=seed)
 
     def _flag(
-        self, reduced: np.ndarray, assigned: np.ndarray, holdout_assigned: np.ndarray, seed: int
+        self,
+        reduced: np.ndarray,
+        assigned: np.ndarray,
+        holdout_assigned: np.ndarray,
+        seed: int,
+        features: np.ndarray | None = None,
     ) -> list[int]:
-        """The clusters of one class judged poisoned."""
+        """The clusters of one class judged poisoned (`features`: the class's unreduced
+        representation, for analyses of subclasses that need it)."""
         from sklearn.metrics import silhouette_score
 
         sizes = np.bincount(assigned, minlength=self.clusters) / len(assigned)
@@ -131,16 +152,28 @@ class ActivationClustering(Defense):
         score = silhouette_score(reduced, assigned, sample_size=sample, random_state=seed)
         return [smaller] if score > self.silhouette_threshold else []
 
-    def inspect_data(self, model: nn.Module, data: RunData, ctx: RunContext) -> Tensor:
+    seed_stream = "activation-clustering"
+
+    def representation(self, model: nn.Module, images: ImageSet, ctx: RunContext) -> np.ndarray:
+        """[N, D] what gets clustered: the last hidden layer's activations."""
+        batch = ctx.settings.eval_batch_size
+        return penultimate(model, images.x, batch, ctx.device).double().numpy()
+
+    def cluster_classes(
+        self,
+        feats: np.ndarray,
+        labels: np.ndarray,
+        reference: np.ndarray,
+        reference_labels: np.ndarray,
+        seed: int,
+    ) -> tuple[np.ndarray, list[ClassClusters]]:
+        """Per label: reduce, k-means, flag. Returns the removal mask over the rows of `feats`
+        and every clustered class's rows, cluster assignment and flagged clusters.
+        `reference` (clean holdout representations) feeds the holdout analysis."""
         from sklearn.cluster import KMeans
 
-        holdout, data = data.holdout, data.train
-        batch = ctx.settings.eval_batch_size
-        feats = penultimate(model, data.x, batch, ctx.device).double().numpy()
-        reference = penultimate(model, holdout.x, batch, ctx.device).double().numpy()
-        labels, reference_labels = data.y.numpy(), holdout.y.numpy()
-        seed = derive_seed(ctx.seed, "activation-clustering") % (2**31 - 1)
-        removed = np.zeros(len(data), dtype=bool)
+        removed = np.zeros(len(feats), dtype=bool)
+        classes = []
         for label in np.unique(labels):
             rows = np.flatnonzero(labels == label)
             dims = min(self.dims, feats.shape[1], len(rows) - 1)
@@ -153,15 +186,30 @@ class ActivationClustering(Defense):
             holdout_assigned = (
                 kmeans.predict(reducer.transform(clean)) if len(clean) else np.zeros(0, dtype=int)
             )
-            flagged = self._flag(reduced, kmeans.labels_, holdout_assigned, seed)
+            flagged = self._flag(reduced, kmeans.labels_, holdout_assigned, seed, feats[rows])
             removed[rows[np.isin(kmeans.labels_, flagged)]] = True
-        removed_t = torch.from_numpy(removed)
-        self._report = removal_metrics(removed_t, data.poison)
-        log.info("activation clustering removed %d samples: %s", int(removed.sum()), self._report)
-        ctx.logger.log_table(
-            "activation_clustering/per_class", *per_class_rows(data.y, removed_t, data.poison)
+            classes.append(ClassClusters(int(label), rows, kmeans.labels_, flagged))
+        return removed, classes
+
+    def inspect_data(self, model: nn.Module, data: RunData, ctx: RunContext) -> Tensor:
+        train, holdout = data.train, data.holdout
+        feats = self.representation(model, train, ctx)
+        reference = self.representation(model, holdout, ctx)
+        seed = derive_seed(ctx.seed, self.seed_stream) % (2**31 - 1)
+        removed, classes = self.cluster_classes(
+            feats, train.y.numpy(), reference, holdout.y.numpy(), seed
         )
+        removed_t = torch.from_numpy(removed)
+        self._report = removal_metrics(removed_t, train.poison)
+        log.info("%s removed %d samples: %s", self.name, int(removed.sum()), self._report)
+        ctx.logger.log_table(
+            f"{self.name}/per_class", *per_class_rows(train.y, removed_t, train.poison)
+        )
+        self.describe(feats, classes, ctx)
         return ~removed_t
+
+    def describe(self, feats: np.ndarray, classes: list[ClassClusters], ctx: RunContext) -> None:
+        """Figures of the clusters, for subclasses (activation clustering draws none)."""
 
     def report(self) -> dict[str, Any]:
         return dict(self._report)

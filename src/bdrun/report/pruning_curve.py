@@ -1,4 +1,5 @@
-"""Pruning curves: CCA, ASR and RA against the fraction of channels pruned (CSV, PNG, logger)."""
+"""Curves of CCA, ASR and RA: against the fraction of channels pruned (pruning defenses), along
+a path of models (MCR), ... (CSV, PNG, logger)."""
 
 from __future__ import annotations
 
@@ -57,6 +58,33 @@ def plot_curve(
     return save(fig, path)
 
 
+def write_curve(
+    run_dir: Path,
+    stem: str,
+    rows: Sequence[dict[str, Any]],
+    logger: RunLogger | None,
+    title: str,
+    columns: Sequence[str],
+    x_key: str,
+    x_label: str,
+    stops: Sequence[dict[str, Any]] = (),
+) -> tuple[Path, Path]:
+    """CCA / ASR / RA (and the defender's holdout accuracy) against any x (pruned fraction, a
+    point t on a path, ...): <stem>.csv and <stem>.png in the run folder, also sent to the run's
+    logger as a curve (a wandb table and line plot when that logger is on). Returns (csv, png)."""
+    run_dir = Path(run_dir)
+    if logger is not None:
+        # the CSV logger writes <name>.csv itself; the atomic write below has the last word
+        series = [c for c in ("cca", "asr", "ra", "holdout_acc") if c in columns]
+        table = [[row.get(c) for c in columns] for row in rows]
+        logger.log_curve(stem, list(columns), table, x=x_key, y=series, title=title)
+    csv_path = write_csv(run_dir / f"{stem}.csv", columns, rows)
+    png_path = plot_curve(rows, run_dir / f"{stem}.png", title, x_key, x_label, stops)
+    if logger is not None:
+        logger.log_image(stem, png_path)
+    return csv_path, png_path
+
+
 def write_pruning_curve(
     run_dir: Path,
     stem: str,
@@ -68,14 +96,5 @@ def write_pruning_curve(
     x_key: str = "fraction",
     x_label: str = "fraction of channels pruned",
 ) -> tuple[Path, Path]:
-    """<stem>.csv and <stem>.png in the run folder, also sent to the run's logger (a wandb
-    table and image when that logger is on). Returns (csv path, png path)."""
-    run_dir = Path(run_dir)
-    if logger is not None:
-        # the CSV logger writes <name>.csv itself; the atomic write below has the last word
-        logger.log_table(stem, list(columns), [[row.get(c) for c in columns] for row in rows])
-    csv_path = write_csv(run_dir / f"{stem}.csv", columns, rows)
-    png_path = plot_curve(rows, run_dir / f"{stem}.png", title, x_key, x_label, stops)
-    if logger is not None:
-        logger.log_image(stem, png_path)
-    return csv_path, png_path
+    """`write_curve` with the pruning curve's columns and x-axis."""
+    return write_curve(run_dir, stem, rows, logger, title, columns, x_key, x_label, stops)

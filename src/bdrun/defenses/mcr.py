@@ -1,0 +1,307 @@
+"""Mode connectivity repair: learn a curve of low clean loss between two models and take a
+point on it, where the backdoor has faded but clean accuracy has not.
+
+Zhao, Chen, Das, Ramamurthy & Lin, "Bridging Mode Connectivity in Loss Landscapes and
+Adversarial Robustness", ICLR 2020, and the authors' code (github.com/IBM/model-sanitization:
+backdoor/backdoor-cifar/train.py, utils.py). A quadratic Bezier curve
+    w(t) = (1 - t)^2 w_0 + 2 t (1 - t) theta + t^2 w_1,   t in [0, 1],
+joins two end models w_0 and w_1 (held fixed, their --fix_start / --fix_end); its control
+point theta starts at the midpoint (w_0 + w_1) / 2 (their init_linear) and is trained on the
+defender's clean data with the loss at a fresh t ~ U(0, 1) per batch. The paper connects two
+backdoored models, or, when the defender has only one, the model and a copy of it fine-tuned on
+the clean data: bdrun has one poisoned model, so w_0 is the poisoned model and w_1 its
+fine-tuned copy. BatchNorm statistics are recomputed on the clean data at every point used
+(their update_bn); models without BatchNorm skip this.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from bdrun.data.base import to_float
+from bdrun.defenses.base import Defense
+from bdrun.defenses.finetune import check_schedule, finetune
+from bdrun.defenses.prune import fraction, subsample
+from bdrun.defenses.pruning import copy_model, make_permanent
+from bdrun.errors import BdrunError
+from bdrun.metrics import accuracy, on_device, predict
+from bdrun.report.pruning_curve import write_curve
+from bdrun.rng import seeded_global
+from bdrun.training import coerce
+
+if TYPE_CHECKING:
+    from bdrun.context import RunContext
+    from bdrun.data.base import ImageSet
+    from bdrun.state import RunData
+
+log = logging.getLogger(__name__)
+
+PATH_COLUMNS = ("t", "holdout_acc", "cca", "asr", "ra")
+END_MODELS = ("finetune", "retrain")
+
+
+def bezier(start: Tensor, control: Tensor, end: Tensor, t: float | Tensor) -> Tensor:
+    """The quadratic Bezier point (1 - t)^2 start + 2 t (1 - t) control + t^2 end."""
+    return (1 - t) ** 2 * start + 2 * t * (1 - t) * control + t**2 * end
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "__")  # module names may not contain dots
+
+
+class BezierCurve(nn.Module):
+    """The curve between two models of one architecture; only the control point trains.
+
+    In training mode every forward pass draws t ~ U(0, 1) from torch's global generator, which
+    bdrun's training seeds per (seed, stream) and checkpoints, as it does for dropout; in eval
+    mode it runs at `self.t`."""
+
+    def __init__(self, start: nn.Module, end: nn.Module) -> None:
+        super().__init__()
+        self.base = copy_model(start).requires_grad_(False)
+        self.names = [name for name, _ in start.named_parameters()]
+        start_params, end_params = dict(start.named_parameters()), dict(end.named_parameters())
+        self.control = nn.ParameterDict()
+        for name in self.names:
+            first, last = start_params[name].detach(), end_params[name].detach()
+            self.register_buffer(f"start__{_key(name)}", first.clone())
+            self.register_buffer(f"end__{_key(name)}", last.clone())
+            self.control[_key(name)] = nn.Parameter((first + last) / 2)
+        self.t = 0.0
+
+    def weights(self, t: float | Tensor) -> dict[str, Tensor]:
+        """Parameter name -> the curve's value at t."""
+        return {
+            name: bezier(
+                getattr(self, f"start__{_key(name)}"),
+                self.control[_key(name)],
+                getattr(self, f"end__{_key(name)}"),
+                t,
+            )
+            for name in self.names
+        }
+
+    def forward(self, x: Tensor) -> Tensor:
+        t = torch.rand((), device=x.device) if self.training else self.t
+        return functional_call(self.base, self.weights(t), (x,))
+
+    @torch.no_grad()
+    def model_at(self, t: float) -> nn.Module:
+        """A plain model (the base architecture) with the curve's weights at t."""
+        model = copy_model(self.base).cpu()
+        values = self.weights(float(t))
+        for name, param in model.named_parameters():
+            param.copy_(values[name].cpu())
+        return model.requires_grad_(True).eval()
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+@torch.no_grad()
+def update_bn(
+    model: nn.Module, x: Tensor, batch_size: int, device: str | torch.device = "cpu"
+) -> nn.Module:
+    """Recompute every BatchNorm layer's running mean / variance as the plain average over the
+    batches of x (momentum None: a cumulative average, what their update_bn's momentum
+    schedule computes). Models without BatchNorm are returned untouched."""
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not layers or len(x) == 0:
+        return model
+    momenta = [layer.momentum for layer in layers]
+    for layer in layers:
+        layer.reset_running_stats()
+        layer.momentum = None
+    with on_device(model.train(), device):
+        for start in range(0, len(x), batch_size):
+            model(to_float(x[start : start + batch_size].to(device)))
+    for layer, momentum in zip(layers, momenta, strict=True):
+        layer.momentum = momentum
+    return model.eval()
+
+
+class ModeConnectivityRepair(Defense):
+    """MCR as a repair defense: returns the model at `t` on the trained curve.
+
+    Parameters (defaults from the authors' backdoor/backdoor-cifar/train.py unless noted):
+        t: the point returned (0.3; issue 12's default, configurable).
+        path_points: the path is scored at this many evenly spaced t in [0, 1] (11: 0, 0.1,
+            ..., 1): CCA / ASR / RA on the test sets (scoring only) and the holdout accuracy
+            (the defender's view) in mcr_path.csv / .png and the logger.
+        path_samples: score the path on at most this many test / backdoor inputs (null: all).
+        epochs: curve training epochs over the holdout (100; their README uses 200 to 600 on
+            the 5,000 clean CIFAR-10 images they train curves on).
+        lr, momentum, batch_size: SGD (0.01, 0.9, 128). Their schedule holds lr for half the
+            epochs and decays it linearly to 1 % by 90 %; bdrun's cosine schedule is the
+            nearest it offers.
+        weight_decay: 1e-4 (theirs, added to the loss as 0.5 * wd * ||theta||; here SGD's
+            weight decay on the control point).
+        end_model: w_1. "finetune" (default): the poisoned model fine-tuned on the holdout for
+            `finetune_epochs` at `finetune_lr` (the `finetune` defense's defaults, 10 epochs at
+            0.01, the run's other training settings), the paper's choice for a defender with a
+            single model. "retrain": a second model trained on the poisoned training set from
+            another initialisation (stream "mcr-second-model"), the paper's main setting of two
+            backdoored models. Fashion-MNIST BadNets 10 % (small CNN, 3,000 holdout images,
+            100 curve epochs), ASR / CCA along t = 0, 0.1, ..., 1: with "finetune" ASR stays
+            99.2-99.6 % everywhere (the two ends share one mode); with "retrain" it dips to
+            81.0 % at t = 0.5 (CCA 88.5 %), 90.6 % at t = 0.3 (CCA 89.9 %).
+    The fine-tuned end and the curve go through the model cache.
+    """
+
+    name = "mcr"
+
+    def __init__(
+        self,
+        t: float = 0.3,
+        path_points: int = 11,
+        path_samples: int | None = None,
+        epochs: int = 100,
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        batch_size: int = 128,
+        weight_decay: float = 1e-4,
+        end_model: str = "finetune",
+        finetune_epochs: int = 10,
+        finetune_lr: float = 0.01,
+    ) -> None:
+        if end_model not in END_MODELS:
+            raise BdrunError(
+                f"defense.end_model={end_model!r} must be one of {', '.join(END_MODELS)}"
+            )
+        self.end_model = end_model
+        self.t = fraction(t, "defense.t")
+        self.path_points = coerce(path_points, "int", "defense.path_points")
+        if self.path_points < 2:
+            raise BdrunError(f"defense.path_points={path_points} must be >= 2, e.g. 11")
+        self.path_samples = (
+            None if path_samples is None else coerce(path_samples, "int", "defense.path_samples")
+        )
+        if self.path_samples is not None and self.path_samples < 1:
+            raise BdrunError(f"defense.path_samples={path_samples} must be >= 1 or null")
+        self.lr, self.epochs = check_schedule(lr, epochs)
+        self.finetune_lr, self.finetune_epochs = check_schedule(
+            finetune_lr, finetune_epochs, prefix="defense.finetune"
+        )
+        self.momentum = coerce(momentum, "float", "defense.momentum")
+        self.batch_size = coerce(batch_size, "int", "defense.batch_size")
+        self.weight_decay = coerce(weight_decay, "float", "defense.weight_decay")
+        if self.batch_size < 1 or self.momentum < 0 or self.weight_decay < 0:
+            raise BdrunError(
+                "defense.batch_size must be >= 1, defense.momentum and defense.weight_decay >= 0"
+            )
+        self.path: list[dict[str, Any]] = []
+
+    def second_end(self, model: nn.Module, data: RunData, ctx: RunContext) -> nn.Module:
+        """w_1: the model fine-tuned on the holdout, or a second model trained on the poisoned
+        training set from another initialisation (`end_model=retrain`)."""
+        if self.end_model == "retrain":
+            # the run's new_model() always starts from the same weights; another mode needs
+            # another initialisation
+            with seeded_global(ctx.seed, "mcr-second-init"):
+                fresh = ctx.new_model()
+                for module in fresh.modules():
+                    if module is not fresh and hasattr(module, "reset_parameters"):
+                        module.reset_parameters()
+            second, status = ctx.train_cached(
+                data.train,
+                stream="mcr-second-model",
+                model=fresh,
+                extra_key={"mcr": "second end model"},
+            )
+            log.info("MCR second end model: cache %s", status)
+            return second
+        return finetune(
+            model,
+            data.holdout,
+            ctx,
+            self.finetune_lr,
+            self.finetune_epochs,
+            stream="mcr-end",
+            cache_key={"mcr": "fine-tuned end model"},
+        )
+
+    def train_curve(self, model: nn.Module, data: RunData, ctx: RunContext) -> BezierCurve:
+        holdout = data.holdout
+        end = self.second_end(model, data, ctx)
+        curve = BezierCurve(make_permanent(copy_model(model)), make_permanent(end))
+        if self.epochs == 0:
+            return curve.eval()
+        settings = dataclasses.replace(
+            ctx.settings,
+            epochs=self.epochs,
+            lr=self.lr,
+            batch_size=self.batch_size,
+            optimizer="sgd",
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+            scheduler="cosine",
+        )
+        curve, status = ctx.train_cached(
+            holdout,
+            settings=settings,
+            extra_key={"mcr": "quadratic Bezier curve"},
+            stream="mcr-curve",
+            model=curve.train(),
+            attack_hooks=False,
+        )
+        log.info("MCR curve: cache %s", status)
+        return curve
+
+    def point(self, curve: BezierCurve, t: float, holdout: ImageSet, ctx: RunContext) -> nn.Module:
+        """The model at t, BatchNorm statistics recomputed on the holdout."""
+        return update_bn(curve.model_at(t), holdout.x, ctx.settings.eval_batch_size, ctx.device)
+
+    def score_path(
+        self, curve: BezierCurve, data: RunData, ctx: RunContext
+    ) -> list[dict[str, Any]]:
+        """Holdout accuracy and CCA / ASR / RA at `path_points` evenly spaced t (scoring)."""
+        g = ctx.generator("mcr-path")
+        test = subsample(data.test, self.path_samples, g)
+        backdoor = subsample(data.backdoor_test, self.path_samples, g)
+        holdout = data.holdout
+        batch, device = ctx.settings.eval_batch_size, ctx.device
+        rows = []
+        for t in torch.linspace(0, 1, self.path_points).tolist():
+            model = self.point(curve, t, holdout, ctx)
+            clean_preds = predict(model, test.x, batch, device)
+            bd_preds = predict(model, backdoor.x, batch, device)
+            rows.append(
+                {
+                    "t": round(t, 6),
+                    "holdout_acc": accuracy(predict(model, holdout.x, batch, device), holdout.y),
+                    "cca": accuracy(clean_preds, test.y),
+                    "asr": accuracy(bd_preds, backdoor.y),
+                    "ra": accuracy(bd_preds, backdoor.orig_y),
+                }
+            )
+        return rows
+
+    def repair(self, model: nn.Module, data: RunData, ctx: RunContext) -> nn.Module:
+        if len(data.holdout) == 0:
+            raise BdrunError("the clean holdout set is empty; raise dataset.holdout_fraction")
+        curve = self.train_curve(model, data, ctx)
+        self.path = self.score_path(curve, data, ctx)
+        write_curve(
+            ctx.run_dir,
+            "mcr_path",
+            self.path,
+            ctx.logger,
+            title=f"{self.name}: quadratic Bezier path (t = 0: poisoned, 1: fine-tuned)",
+            columns=PATH_COLUMNS,
+            x_key="t",
+            x_label="t along the path",
+            stops=[{"t": self.t, "label": f"chosen t = {self.t:g}"}],
+        )
+        return self.point(curve, self.t, data.holdout, ctx)
+
+    def report(self) -> dict[str, Any]:
+        if not self.path:
+            return {}
+        return {"mcr_t": self.t, "mcr_path": self.path}

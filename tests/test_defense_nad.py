@@ -1,0 +1,91 @@
+"""Neural Attention Distillation: attention maps by hand, the loss hook, a digits run, and (slow)
+Fashion-MNIST."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from bdrun.defenses.nad import NeuralAttentionDistillation, attention_loss, attention_map
+from bdrun.errors import BdrunError
+from bdrun.runner import run
+
+from conftest import compose_config
+
+
+def test_attention_map_by_hand():
+    # one sample, two channels, 1x2 positions: channel mean of a^2 = [(1+9)/2, (4+0)/2] = [5, 2]
+    activation = torch.tensor([[[[1.0, -2.0]], [[3.0, 0.0]]]])
+    expected = torch.tensor([[5.0, 2.0]]) / (29**0.5 + 1e-6)
+    torch.testing.assert_close(attention_map(activation, p=2.0), expected)
+    # p = 1: channel mean of |a| = [2, 1]
+    torch.testing.assert_close(
+        attention_map(activation, p=1.0), torch.tensor([[2.0, 1.0]]) / (5**0.5 + 1e-6)
+    )
+    # the map ignores scale: sum over channels (the authors') and mean give the same map
+    torch.testing.assert_close(attention_map(3 * activation), attention_map(activation))
+
+
+def test_attention_loss_by_hand():
+    student = torch.tensor([[[[1.0, 0.0]]]])  # map [1, 0]
+    teacher = torch.tensor([[[[0.0, 2.0]]]])  # map [0, 1]
+    assert attention_loss(student, teacher).item() == pytest.approx(1.0, rel=1e-5)  # (1+1)/2
+    assert attention_loss(teacher, 5 * teacher).item() == pytest.approx(0.0, abs=1e-10)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"betas": [-1.0]},
+        {"betas": []},
+        {"layers": ["relu1", "relu2"], "betas": [5000.0]},
+        {"p": 0},
+        {"lr": 0},
+        {"teacher_epochs": -1},
+        {"late_lr": 0},
+        {"batch_size": 0},
+    ],
+)
+def test_bad_settings_are_user_errors(kwargs):
+    with pytest.raises(BdrunError):
+        NeuralAttentionDistillation(**kwargs)
+
+
+def test_nad_on_digits(tmp_path):
+    cfg = compose_config("defense=nad", "logger=none")
+    results = run(cfg, tmp_path)
+    d = results["metrics"]["detection"]
+    assert {"teacher_cca", "teacher_asr", "teacher_ra"} <= set(d)
+    assert d["nad_layers"] == ["relu2"]  # small_cnn's last conv stage
+    assert all(0 <= d[k] <= 1 for k in ("teacher_cca", "teacher_asr"))
+    # a second run trains nothing: teacher and student come from the cache
+    again = run(cfg, tmp_path / "again")
+    assert again["metrics"]["after"] == results["metrics"]["after"]
+
+
+def test_a_wrong_layer_is_a_user_error(tmp_path):
+    cfg = compose_config("defense=nad", "logger=none", "debug=smoke", "defense.layers=[nope]")
+    with pytest.raises(BdrunError, match="nope"):
+        run(cfg, tmp_path)
+
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FMNIST.is_dir(), reason="apt-get install dataset-fashion-mnist")
+@pytest.mark.xfail(
+    strict=True,
+    reason="measured 2026-12-02: the teacher (10 epochs on the 3,000 holdout images, lr 0.1 then "
+    "0.01) keeps ASR 49.1 % (CCA 88.1 %); the student ends at ASR 57.9 %, CCA 87.7 % (92.1 % "
+    "before); beta 50: ASR 73.0 %; the authors' beta 5000 diverges (NaN, CCA 10 %)",
+)
+def test_nad_fashion_mnist_badnets(tmp_path):
+    cfg = compose_config("dataset=fashion_mnist", "attack=badnets", "defense=nad", "logger=none")
+    results = run(cfg, tmp_path)
+    d, before, after = (results["metrics"][k] for k in ("detection", "before", "after"))
+    print(f"NAD FMNIST BadNets: {d}; before {before}; after {after}")
+    assert after["asr"] <= 0.10
+    assert before["cca"] - after["cca"] <= 0.05
