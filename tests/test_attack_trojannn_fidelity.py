@@ -1,6 +1,8 @@
 """TrojanNN on Fashion-MNIST (slow): issue 12's bar, ASR >= 95 % at a CCA drop of at most 3
 points against the clean model (`attack=none`), for both masks, with the small CNN's 6 epochs.
 
+Measured (CPU, seed 0, the same runs through bdrun.runner.run): clean CCA 92.07 %; square
+ASR 99.99 %, CCA 92.27 %; watermark ASR 99.97 %, CCA 91.59 %.
 Needs Debian's dataset-fashion-mnist (or the IDX files under $BDRUN_DATA/fashion_mnist/).
 """
 
