@@ -124,6 +124,10 @@ def bad_inputs(tmp_path: Path, server_url: str) -> dict[str, tuple[list[str], st
         "unknown option": (["attack=badnetz"], "unknown attack 'badnetz'; choose one of: "),
         "poison rate": (["attack.poison_rate=1.5"], "attack.poison_rate=1.5 must be in (0, 1]"),
         "target": (["attack.target=10"], "attack.target=10 is outside the 10 classes of digits"),
+        "trojannn mask": (
+            ["attack=trojannn", "attack.mask=circle"],
+            "attack.mask='circle' must be one of square, watermark",
+        ),
         "missing file": (
             [
                 *h5,
@@ -164,6 +168,7 @@ def bad_inputs(tmp_path: Path, server_url: str) -> dict[str, tuple[list[str], st
         "unknown option",
         "poison rate",
         "target",
+        "trojannn mask",
         "missing file",
         "h5 keys",
         "h5 path unset",

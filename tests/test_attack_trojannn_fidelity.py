@@ -1,0 +1,43 @@
+"""TrojanNN on Fashion-MNIST (slow): issue 12's bar, ASR >= 95 % at a CCA drop of at most 3
+points against the clean model (`attack=none`), for both masks, with the small CNN's 6 epochs.
+
+Measured (CPU, seed 0, the same runs through bdrun.runner.run): clean CCA 92.07 %; square
+ASR 99.99 %, CCA 92.27 %; watermark ASR 99.97 %, CCA 91.59 %.
+Needs Debian's dataset-fashion-mnist (or the IDX files under $BDRUN_DATA/fashion_mnist/).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bdrun.runner import run
+
+from conftest import compose_config
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not FMNIST.is_dir(), reason="apt-get install dataset-fashion-mnist"),
+]
+
+
+def fashion_mnist_before(tmp_path: Path, *overrides: str) -> dict[str, float]:
+    cfg = compose_config("dataset=fashion_mnist", "logger=none", *overrides)
+    results = run(cfg, tmp_path)
+    before = results["metrics"]["before"]
+    print(overrides, " ".join(f"{k} {v:.4f}" for k, v in before.items()))
+    return before
+
+
+@pytest.fixture(scope="module")
+def clean_cca(tmp_path_factory: pytest.TempPathFactory) -> float:
+    return fashion_mnist_before(tmp_path_factory.mktemp("clean"), "attack=none")["cca"]
+
+
+@pytest.mark.parametrize("mask", ["square", "watermark"])
+def test_trojannn_reaches_95_percent_and_keeps_clean_accuracy(mask, clean_cca, tmp_path):
+    before = fashion_mnist_before(tmp_path, "attack=trojannn", f"attack.mask={mask}")
+    assert before["asr"] >= 0.95
+    assert before["cca"] >= clean_cca - 0.03
