@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -90,7 +91,11 @@ def test_calibration_rejects_the_preset_share():
     assert math.isclose(float((scores > d.threshold).double().mean()), 0.05, abs_tol=0.002)
 
 
-def test_one_predicted_class_is_a_user_error():
+def test_a_model_with_one_predicted_class_gets_constant_provenance():
+    """A model that labels every holdout image alike (a smoke-sized model) leaves the linear
+    classifiers nothing to learn: each layer's probability vector is the constant [1], and the
+    value invariants still score inputs."""
+
     class Constant(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -99,9 +104,11 @@ def test_one_predicted_class_is_a_user_error():
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.fc(x.flatten(1)) * 0 + torch.tensor([1.0, 0.0])
 
-    d = NicDetector(Constant(), ["fc"], "ocsvm", 0.1, 0.01, 0.1, "scale", 256, 64, "cpu", 0)
-    with pytest.raises(BdrunError, match="two predicted classes"):
-        d.fit_invariants(torch.rand(20, 1, 2, 2))
+    d = NicDetector(Constant(), ["fc", "fc"], "ocsvm", 0.1, 0.01, 0.1, "scale", 256, 64, "cpu", 0)
+    x = torch.rand(20, 1, 2, 2)
+    d.fit_invariants(x)
+    assert all(view.classifier is None for view in d.views)
+    assert np.array_equal(d.views[0].probabilities(torch.rand(3, 2)), np.ones((3, 1)))
 
 
 @pytest.mark.parametrize(

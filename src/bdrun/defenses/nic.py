@@ -125,13 +125,19 @@ class LayerView:
         if pca_components and width > pca_components:
             steps.append(PCA(min(pca_components, len(features)), random_state=seed))
         self.transform = make_pipeline(*steps).fit(features.numpy())
-        self.classifier = LogisticRegression(max_iter=1000)
-        self.classifier.fit(self.transform.transform(features.numpy()), labels.numpy())
+        # a model that gives one label to all of them (a smoke-sized model) leaves nothing to
+        # learn: that layer's probability vector is the constant [1]
+        self.classifier: Any = None
+        if len(labels.unique()) > 1:
+            self.classifier = LogisticRegression(max_iter=1000)
+            self.classifier.fit(self.transform.transform(features.numpy()), labels.numpy())
 
     def features(self, values: Tensor) -> np.ndarray:
         return self.transform.transform(values.numpy())
 
     def probabilities(self, values: Tensor) -> np.ndarray:
+        if self.classifier is None:
+            return np.ones((len(values), 1))
         return self.classifier.predict_proba(self.features(values))
 
 
@@ -178,9 +184,8 @@ class NicDetector(InputDetector):
         if labels is None:
             labels = logits_of(self.model, x, self.batch_size, self.device).argmax(1)
         if len(labels.unique()) < 2:
-            raise BdrunError(
-                "NIC's linear classifiers need holdout images of at least two predicted classes; "
-                "raise dataset.holdout_fraction or defense.invariant_share"
+            log.warning(
+                "NIC: the model gives every holdout image one label; provenance is constant"
             )
         self.views = [
             LayerView(values, labels, self.pca_components, self.seed) for values in outputs
