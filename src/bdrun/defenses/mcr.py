@@ -151,7 +151,11 @@ class ModeConnectivityRepair(Defense):
             backdoored models. Fashion-MNIST BadNets 10 % (small CNN, 3,000 holdout images,
             100 curve epochs), ASR / CCA along t = 0, 0.1, ..., 1: with "finetune" ASR stays
             99.2-99.6 % everywhere (the two ends share one mode); with "retrain" it dips to
-            81.0 % at t = 0.5 (CCA 88.5 %), 90.6 % at t = 0.3 (CCA 89.9 %).
+            81.0 % at t = 0.5 (CCA 88.5 %), 90.6 % at t = 0.3 (CCA 89.9 %). The authors' own
+            backdoor runs (backdoor-cifar/train.py, data.py loaders_part_test) connect two
+            models trained on the same poisoned data (--init_start / --init_end
+            ..._same1 / _same2, our "retrain") and train the curve on 50 clean test images
+            (perc_training 0.01 of 5,000) repeated to 5,000, without augmentation.
     The fine-tuned end and the curve go through the model cache.
     """
 

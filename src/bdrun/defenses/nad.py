@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from bdrun.defenses.activations import get_module
 from bdrun.defenses.base import Defense
-from bdrun.defenses.finetune import check_schedule, finetune
+from bdrun.defenses.finetune import check_schedule
 from bdrun.defenses.pruning import copy_model
 from bdrun.errors import BdrunError
 from bdrun.training import TrainingHook, TrainSettings, coerce
@@ -48,6 +48,57 @@ def attention_map(activation: Tensor, p: float = 2.0, eps: float = 1e-6) -> Tens
 def attention_loss(student: Tensor, teacher: Tensor, p: float = 2.0) -> Tensor:
     """Mean squared difference of the two attention maps (at.py's AT loss)."""
     return F.mse_loss(attention_map(student, p), attention_map(teacher, p))
+
+
+def augment(
+    x: Tensor, padding: int, flip: bool, cutout: int, generator: torch.Generator | None = None
+) -> Tensor:
+    """The authors' training transforms on a float batch [N, C, H, W] (data_loader.py): a random
+    H x W crop of the image zero-padded by `padding` pixels, a horizontal flip with probability
+    1/2, and one `cutout`-sized hole (their Cutout(1, length): rows and columns
+    [centre - length // 2, centre + length // 2), centre uniform over the image) set to 0."""
+    n, _, h, w = x.shape
+    device = x.device
+    if padding > 0:
+        padded = F.pad(x, (padding, padding, padding, padding))
+        top = torch.randint(0, 2 * padding + 1, (n, 1), generator=generator).to(device)
+        left = torch.randint(0, 2 * padding + 1, (n, 1), generator=generator).to(device)
+        rows = (top + torch.arange(h, device=device))[:, None, :, None]
+        cols = (left + torch.arange(w, device=device))[:, None, None, :]
+        batch = torch.arange(n, device=device)[:, None, None, None]
+        channels = torch.arange(x.shape[1], device=device)[None, :, None, None]
+        x = padded[batch, channels, rows, cols]
+    if flip:
+        flipped = torch.rand(n, generator=generator).to(device) < 0.5
+        x = torch.where(flipped[:, None, None, None], x.flip(-1), x)
+    if cutout > 0:
+        centre_y = torch.randint(0, h, (n, 1), generator=generator).to(device)
+        centre_x = torch.randint(0, w, (n, 1), generator=generator).to(device)
+        ys, xs = torch.arange(h, device=device), torch.arange(w, device=device)
+        half = cutout // 2
+        in_rows = (ys >= centre_y - half) & (ys < centre_y + half)  # [N, H]
+        in_cols = (xs >= centre_x - half) & (xs < centre_x + half)  # [N, W]
+        hole = in_rows[:, :, None] & in_cols[:, None, :]
+        x = x.masked_fill(hole[:, None], 0.0)
+    return x
+
+
+class Augmentation(TrainingHook):
+    """`augment` on every training batch; draws from torch's global generator, which bdrun's
+    training seeds per (seed, stream) and checkpoints, as it does for dropout."""
+
+    resumable = True
+
+    def __init__(self, padding: int, flip: bool, cutout: int) -> None:
+        self.padding, self.flip, self.cutout = padding, flip, cutout
+
+    def on_batch(
+        self, x: Tensor, y: Tensor, pos: Tensor, module: ClassifierModule
+    ) -> tuple[Tensor, Tensor]:
+        return augment(x, self.padding, self.flip, self.cutout), y
+
+    def key(self) -> dict[str, Any]:
+        return {"padding": self.padding, "flip": self.flip, "cutout": self.cutout}
 
 
 class AttentionDistillation(TrainingHook):
@@ -116,22 +167,29 @@ class NeuralAttentionDistillation(Defense):
             output of its last conv stage: relu2 of small_cnn and lenet), the counterpart of the
             last residual group of the WRN-16-1 where config.py puts its only non-zero beta.
         betas: one weight per layer. config.py puts beta3 = 5000 on the last group (beta1 =
-            beta2 = 0); on bdrun's small CNN (no BatchNorm before relu2) 5000 made the student
-            diverge in the first lr-0.1 epochs (NaN weights; Fashion-MNIST BadNets: CCA 10 %),
-            so the default is 500: ASR 57.9 %, CCA 87.7 % there (50: ASR 73.0 %, CCA 88.3 %).
-            On 8x8 digits even 500 collapses the student (CCA 19 %; 50 leaves it at 98.3 %):
-            the beta worth using depends on the model and the data.
+            beta2 = 0). On bdrun's small CNN (no BatchNorm before relu2) 5000 made the student
+            diverge in the first lr-0.1 epochs (Fashion-MNIST BadNets: CCA 10 %, ASR 100 %, with
+            or without augmentation): the attention loss's gradient grows as the activations'
+            norm shrinks, and nothing (no BatchNorm, no clipping in their code) bounds the
+            step. The default is 500.
         p: power of the attention map (2.0).
         epochs: the student's training (20).
         lr, lr_epochs, late_lr: their step schedule (utils/util.py adjust_learning_rate): 0.1
             for the first 2 epochs, 0.01 after; for teacher and student alike. Run as two
-            trainings, so SGD's momentum restarts at the step. The early large rate is what
-            moves the teacher off the backdoor: fine-tuned at 0.01 throughout on Fashion-MNIST
-            BadNets, the teacher kept ASR 99.0 % and so did the student (99.1 %, CCA 90.8 %).
+            trainings, so SGD's momentum restarts at the step.
         teacher_epochs: the teacher's fine-tuning (their README: 5 to 10 epochs with the same
-            code at beta = 0; 10 here).
+            code at beta = 0, "with data augmentation"; 10 here).
         batch_size, momentum, weight_decay: SGD with Nesterov momentum as main.py (64, 0.9,
             1e-4), for teacher and student; the learning rate stays constant.
+        crop_padding, flip, cutout: their training transforms (data_loader.py
+            get_train_loader: RandomCrop(32, padding=4), RandomHorizontalFlip, Cutout(1, 3)),
+            on every teacher and student batch; 0 / false turns each off. They are what lets
+            the teacher unlearn the backdoor. Fashion-MNIST BadNets 10 % (small CNN, 3,000
+            holdout images; CCA 92.1 %, ASR 99.6 % before), teacher / student ASR, CCA:
+            without augmentation 49.1 / 57.9 %, 88.1 / 87.7 %; with the authors' three
+            3.2 / 1.1 %, 83.6 / 82.6 %; padding 2 19.6 / 4.7 %, 88.2 / 86.9 %; at lr 0.01
+            throughout (augmented) 62.8 / 55.7 %, 87.6 / 89.0 %.
+    Per-dataset values: conf/tuning/defense_dataset/nad_<dataset>.yaml.
     The teacher and the student go through the model cache. The report adds the teacher's own
     CCA / ASR / RA (scored on the test sets) as teacher_cca, teacher_asr, teacher_ra.
     """
@@ -151,6 +209,9 @@ class NeuralAttentionDistillation(Defense):
         batch_size: int = 64,
         momentum: float = 0.9,
         weight_decay: float = 1e-4,
+        crop_padding: int = 4,
+        flip: bool = True,
+        cutout: int = 3,
     ) -> None:
         self.lr, self.epochs = check_schedule(lr, epochs)
         self.late_lr, self.lr_epochs = check_schedule(late_lr, lr_epochs, prefix="defense.late")
@@ -175,6 +236,13 @@ class NeuralAttentionDistillation(Defense):
             raise BdrunError(
                 "defense.batch_size must be >= 1, defense.momentum and defense.weight_decay >= 0"
             )
+        self.crop_padding = coerce(crop_padding, "int", "defense.crop_padding")
+        self.cutout = coerce(cutout, "int", "defense.cutout")
+        if self.crop_padding < 0 or self.cutout < 0:
+            raise BdrunError(
+                "defense.crop_padding and defense.cutout must be >= 0 (0 turns them off), e.g. 4, 3"
+            )
+        self.flip = bool(flip)
         self.teacher: nn.Module | None = None
         self._report: dict[str, Any] = {}
 
@@ -212,18 +280,19 @@ class NeuralAttentionDistillation(Defense):
             raise BdrunError("the clean holdout set is empty; raise dataset.holdout_fraction")
         layers = self.resolved_layers(model)
         settings = self.settings(ctx)
+        augmentation = Augmentation(self.crop_padding, self.flip, self.cutout)
         teacher = copy_model(model)
         for phase, (lr, epochs) in enumerate(self.phases(self.teacher_epochs)):
-            teacher = finetune(
-                teacher,
+            teacher, status = ctx.train_cached(
                 holdout,
-                ctx,
-                lr,
-                epochs,
+                hooks=[augmentation],
+                settings=dataclasses.replace(settings, lr=lr, epochs=epochs),
+                extra_key={"nad": "teacher", "phase": phase, "augment": augmentation.key()},
                 stream=f"nad-teacher-{phase}",
-                settings=settings,
-                cache_key={"nad": "teacher", "phase": phase},
+                model=teacher.train(),
+                attack_hooks=False,
             )
+            log.info("NAD teacher, phase %d: cache %s", phase, status)
         self.teacher = teacher.eval()
         student = copy_model(model)
         hook = AttentionDistillation(copy_model(teacher), layers, self.betas, self.p)
@@ -231,7 +300,7 @@ class NeuralAttentionDistillation(Defense):
             for phase, (lr, epochs) in enumerate(self.phases(self.epochs)):
                 student, status = ctx.train_cached(
                     holdout,
-                    hooks=[hook],
+                    hooks=[augmentation, hook],
                     settings=dataclasses.replace(settings, lr=lr, epochs=epochs),
                     extra_key={
                         "nad": "student",
@@ -240,6 +309,7 @@ class NeuralAttentionDistillation(Defense):
                         "layers": layers,
                         "betas": self.betas,
                         "p": self.p,
+                        "augment": augmentation.key(),
                     },
                     stream=f"nad-student-{phase}",
                     model=student.train(),
