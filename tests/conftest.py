@@ -20,6 +20,11 @@ from bdrun.runner import Setup, poison_stage, scorer_for, setup
 from bdrun.state import RunData
 
 REPO = Path(__file__).resolve().parents[1]
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+# the real-data (slow) tests need Debian's dataset-fashion-mnist
+needs_fashion_mnist = pytest.mark.skipif(
+    not FASHION_MNIST.is_dir(), reason="apt-get install dataset-fashion-mnist"
+)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -78,9 +83,12 @@ class Poisoned:
     """A run up to its poisoned training set, without training the poisoned model."""
 
     setup: Setup
-    clean_train: ImageSet
     poisoned: ImageSet
     backdoor_test: ImageSet
+
+    @property
+    def clean_train(self) -> ImageSet:
+        return self.setup.splits.train
 
     @property
     def attack(self):
@@ -105,9 +113,7 @@ def poison_only(run_dir: Path, *overrides: str, cfg: DictConfig | None = None) -
     it stands (before any training-time trigger is learned)."""
     built = setup(cfg if cfg is not None else compose_config(*overrides), run_dir)
     poisoned = poison_stage(built.attack, built.splits, built.ctx)
-    return Poisoned(
-        built, built.splits.train, poisoned, built.attack.backdoor_test(built.splits.test)
-    )
+    return Poisoned(built, poisoned, built.attack.backdoor_test(built.splits.test))
 
 
 def conf_options(group: str) -> list[str]:

@@ -14,12 +14,11 @@ import pytest
 
 from bdrun.runner import run
 
-from conftest import compose_config
+from conftest import compose_config, needs_fashion_mnist
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not FMNIST.is_dir(), reason="apt-get install dataset-fashion-mnist"),
+    needs_fashion_mnist,
 ]
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +18,7 @@ from bdrun.defenses.abl import (
 from bdrun.errors import BdrunError
 from bdrun.runner import run
 
-from conftest import compose_config
+from conftest import compose_config, needs_fashion_mnist
 
 
 def test_isolation_losses_by_hand():
@@ -93,9 +92,6 @@ def test_abl_on_digits_isolates_one_percent_and_caches_every_stage(tmp_path, cap
     assert json.loads((tmp_path / "second" / "results.json").read_text())["defense"] == "abl"
 
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
-
-
 # Issue 5's bar holds for BadNets (measured 2026-11-23, CPU, 6 epochs: precision 0.995, ASR
 # 0.27 %, CCA -3.8 points). Not for SIG: under LGA its poisons (median loss 0.20) stay above the
 # easy classes' clean samples (trouser 0.008, bag 0.07, sandal 0.10), so the lowest-loss 1 %
@@ -105,7 +101,7 @@ SIG_NOT_ISOLATED = pytest.mark.xfail(strict=True, reason="SIG poisons are not th
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not FMNIST.is_dir(), reason="apt-get install dataset-fashion-mnist")
+@needs_fashion_mnist
 @pytest.mark.parametrize("attack", ["badnets", pytest.param("sig", marks=SIG_NOT_ISOLATED)])
 def test_abl_fashion_mnist(attack, tmp_path):
     cfg = compose_config("dataset=fashion_mnist", f"attack={attack}", "defense=abl", "logger=none")

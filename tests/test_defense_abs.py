@@ -4,7 +4,6 @@ trigger reversal on a planted neuron, a digits run."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,7 +23,7 @@ from bdrun.defenses.abs import (
 from bdrun.errors import BdrunError
 from bdrun.runner import run
 
-from conftest import compose_config
+from conftest import compose_config, needs_fashion_mnist
 
 
 def test_label_elevation_is_the_rise_over_the_unstimulated_logit():
@@ -233,20 +232,12 @@ def test_digits_run_reports_reasr_per_label_and_leaves_the_model_alone(tmp_path)
     assert detection["flagged_labels"] == [0]
 
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
-
-
-def slow_fmnist(test):
-    """Slow, and skipped without Debian's dataset-fashion-mnist; reuses the cached models."""
-    skip = pytest.mark.skipif(not FMNIST.is_dir(), reason="apt-get install dataset-fashion-mnist")
-    return pytest.mark.slow(skip(test))
-
-
 def fashion_mnist(tmp_path, *overrides: str) -> dict:
     return run(compose_config("dataset=fashion_mnist", "logger=none", *overrides), tmp_path)
 
 
-@slow_fmnist
+@pytest.mark.slow
+@needs_fashion_mnist
 def test_abs_flags_the_fmnist_badnets_target(tmp_path):
     results = fashion_mnist(tmp_path, "attack=badnets", "defense=abs", "defense.steps=300")
     detection = results["metrics"]["detection"]
@@ -256,7 +247,8 @@ def test_abs_flags_the_fmnist_badnets_target(tmp_path):
     assert detection["flagged_labels"] == [0]
 
 
-@slow_fmnist
+@pytest.mark.slow
+@needs_fashion_mnist
 def test_abs_flags_nothing_on_a_clean_fmnist_model(tmp_path):
     results = fashion_mnist(tmp_path, "attack=none", "defense=abs", "defense.steps=300")
     detection = results["metrics"]["detection"]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -11,7 +9,7 @@ from bdrun.defenses.activation_clustering import ActivationClustering
 from bdrun.errors import BdrunError
 from bdrun.runner import run
 
-from conftest import compose_config
+from conftest import compose_config, needs_fashion_mnist
 
 
 def two_groups(n_small: int, n_large: int, gap: float):
@@ -74,11 +72,8 @@ def test_activation_clustering_on_digits(tmp_path):
     assert results["metrics"]["after"]["asr"] < results["metrics"]["before"]["asr"]
 
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not FMNIST.is_dir(), reason="apt-get install dataset-fashion-mnist")
+@needs_fashion_mnist
 @pytest.mark.xfail(
     strict=False,
     reason="model-dependent: on the model pytest trains with 2 threads (CCA 92.13 %, ASR 99.57 %) "

@@ -3,8 +3,6 @@ cluster, a digits run, and (slow) Fashion-MNIST."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -19,7 +17,7 @@ from bdrun.defenses.gradient_clustering import (
 from bdrun.errors import BdrunError
 from bdrun.runner import run
 
-from conftest import compose_config
+from conftest import compose_config, needs_fashion_mnist
 
 
 def test_input_gradients_of_a_linear_model_by_hand():
@@ -105,11 +103,8 @@ def test_gradient_clustering_on_digits(tmp_path):
     assert (tmp_path / FIGURE).stat().st_size > 0
 
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not FMNIST.is_dir(), reason="apt-get install dataset-fashion-mnist")
+@needs_fashion_mnist
 def test_gradient_clustering_fashion_mnist_badnets(tmp_path):
     cfg = compose_config(
         "dataset=fashion_mnist", "attack=badnets", "defense=gradient_clustering", "logger=none"

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import csv
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from bdrun.defenses.mcr import BezierCurve, ModeConnectivityRepair, bezier, upda
 from bdrun.errors import BdrunError
 from bdrun.runner import run
 
-from conftest import compose_config
+from conftest import compose_config, needs_fashion_mnist
 
 
 def two_models():
@@ -99,11 +98,8 @@ def test_mcr_on_digits(tmp_path):
     assert (tmp_path / "mcr_path.png").stat().st_size > 0
 
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not FMNIST.is_dir(), reason="apt-get install dataset-fashion-mnist")
+@needs_fashion_mnist
 @pytest.mark.xfail(
     strict=True,
     reason="measured 2026-12-02: the copy fine-tuned on the holdout (10 epochs, lr 0.01) keeps "

@@ -3,8 +3,6 @@ Fashion-MNIST."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -17,7 +15,7 @@ from bdrun.defenses.nad import (
 from bdrun.errors import BdrunError
 from bdrun.runner import run
 
-from conftest import compose_config
+from conftest import compose_config, needs_fashion_mnist
 
 
 def test_attention_map_by_hand():
@@ -99,11 +97,8 @@ def test_a_wrong_layer_is_a_user_error(tmp_path):
         run(cfg, tmp_path)
 
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not FMNIST.is_dir(), reason="apt-get install dataset-fashion-mnist")
+@needs_fashion_mnist
 @pytest.mark.xfail(
     strict=True,
     reason="measured: with the authors' augmentation (crop padding 4, flip, cutout 3) the "

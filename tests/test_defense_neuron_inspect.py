@@ -23,9 +23,7 @@ from bdrun.defenses.neuron_inspect import (
 from bdrun.errors import BdrunError
 from bdrun.runner import run
 
-from conftest import compose_config
-
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
+from conftest import compose_config, needs_fashion_mnist
 
 
 def test_sparseness_and_smoothness_match_a_hand_computation():
@@ -145,12 +143,6 @@ def fashion_mnist(tmp_path: Path, *overrides: str) -> dict:
     return run(cfg, tmp_path)
 
 
-def slow_fmnist(test):
-    """Slow, and skipped without Debian's dataset-fashion-mnist; reuses the cached models."""
-    skip = pytest.mark.skipif(not FMNIST.is_dir(), reason="apt-get install dataset-fashion-mnist")
-    return pytest.mark.slow(skip(test))
-
-
 @pytest.mark.xfail(
     strict=True,
     reason="measured 2026-12-02 on the cached FMNIST BadNets 10 % model: target 0's mean heatmap "
@@ -162,7 +154,8 @@ def slow_fmnist(test):
     "persistence alone at top_k 0.02 separates (0: 3.2, clean max 1.75; 2000 images: 2.5 vs "
     "1.95), a setting picked after the fact and too close to 2 to adopt (blend: 0 flagged, 2.6)",
 )
-@slow_fmnist
+@pytest.mark.slow
+@needs_fashion_mnist
 def test_neuron_inspect_flags_the_fmnist_badnets_target(tmp_path):
     results = fashion_mnist(tmp_path, "attack=badnets", "defense=neuron_inspect")
     detection = results["metrics"]["detection"]
@@ -170,7 +163,8 @@ def test_neuron_inspect_flags_the_fmnist_badnets_target(tmp_path):
     assert detection["model_flagged"] and 0 in detection["flagged_labels"]
 
 
-@slow_fmnist
+@pytest.mark.slow
+@needs_fashion_mnist
 def test_neuron_inspect_flags_nothing_on_a_clean_fmnist_model(tmp_path):
     results = fashion_mnist(tmp_path, "attack=none", "defense=neuron_inspect")
     detection = results["metrics"]["detection"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +17,7 @@ from bdrun.errors import BdrunError
 from bdrun.models.small_cnn import SmallCNN
 from bdrun.runner import run
 
-from conftest import compose_config
+from conftest import compose_config, needs_fashion_mnist
 
 
 def test_default_layers_are_the_conv_and_linear_layers_in_order():
@@ -152,12 +151,11 @@ def test_a_wrong_layer_name_is_a_user_error(tmp_path):
         run(compose_config("defense=nic", "defense.layers=[conv9]", "logger=none"), tmp_path)
 
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
 FM = ("dataset=fashion_mnist", "logger=none", "dataset.max_test=2000")
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not FMNIST.is_dir(), reason="apt-get install dataset-fashion-mnist")
+@needs_fashion_mnist
 def test_nic_fashion_mnist_badnets(tmp_path):
     results = run(compose_config("attack=badnets", "defense=nic", *FM), tmp_path)
     d = results["metrics"]["detection"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,7 +23,7 @@ from bdrun.defenses.sentinet import (
 from bdrun.errors import BdrunError
 from bdrun.runner import run
 
-from conftest import compose_config
+from conftest import compose_config, needs_fashion_mnist
 
 
 class TwoChannelCam(nn.Module):
@@ -178,13 +177,12 @@ def test_sentinet_on_digits(tmp_path):
     assert written["metrics"]["detection"]["threshold"] == detection["threshold"]
 
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
 # 1000 clean (+ 900 trojaned) test inputs: each costs a Grad-CAM and 200 predictions
 FM = ("dataset=fashion_mnist", "logger=none", "dataset.max_test=1000")
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not FMNIST.is_dir(), reason="apt-get install dataset-fashion-mnist")
+@needs_fashion_mnist
 def test_sentinet_fashion_mnist_badnets(tmp_path):
     results = run(compose_config("attack=badnets", "defense=sentinet", *FM), tmp_path)
     d = results["metrics"]["detection"]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -11,7 +9,7 @@ from bdrun.defenses.spectral import SpectralSignatures, outlier_scores, top_per_
 from bdrun.errors import BdrunError
 from bdrun.runner import run
 
-from conftest import compose_config
+from conftest import compose_config, needs_fashion_mnist
 
 
 def synthetic(poison_share: float, n: int = 400, dim: int = 16):
@@ -100,11 +98,8 @@ def test_spectral_on_digits_removes_poisons_and_retrains(tmp_path):
     assert results["metrics"]["after"]["asr"] < results["metrics"]["before"]["asr"]
 
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not FMNIST.is_dir(), reason="apt-get install dataset-fashion-mnist")
+@needs_fashion_mnist
 def test_spectral_fashion_mnist_badnets(tmp_path):
     results = run(
         compose_config(

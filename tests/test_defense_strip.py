@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from bdrun.defenses.strip import HISTOGRAM_FILE, Strip, StripDetector
 from bdrun.errors import BdrunError
 from bdrun.runner import run
 
-from conftest import compose_config, run_bdrun
+from conftest import compose_config, needs_fashion_mnist, run_bdrun
 
 DIGITS = ("logger=none", "train.epochs=8")
 
@@ -116,13 +115,12 @@ def test_strip_without_holdout_is_a_user_error(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
 # 2000 clean test inputs as in the authors' notebook (n_test = 2000); training is unchanged
 FM = ("dataset=fashion_mnist", "logger=none", "dataset.max_test=2000")
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not FMNIST.is_dir(), reason="apt-get install dataset-fashion-mnist")
+@needs_fashion_mnist
 def test_strip_fashion_mnist_badnets(tmp_path):
     results = run(compose_config("attack=badnets", "defense=strip", *FM), tmp_path)
     d = results["metrics"]["detection"]
@@ -134,7 +132,7 @@ def test_strip_fashion_mnist_badnets(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not FMNIST.is_dir(), reason="apt-get install dataset-fashion-mnist")
+@needs_fashion_mnist
 def test_strip_on_a_clean_model_rejects_about_the_preset_share(tmp_path):
     results = run(compose_config("attack=none", "defense=strip", *FM), tmp_path)
     d = results["metrics"]["detection"]

@@ -5,18 +5,15 @@ Needs Debian's dataset-fashion-mnist (or the IDX files under $BDRUN_DATA/fashion
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from bdrun.runner import run
 
-from conftest import compose_config
+from conftest import compose_config, needs_fashion_mnist
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not FMNIST.is_dir(), reason="apt-get install dataset-fashion-mnist"),
+    needs_fashion_mnist,
 ]
 
 

@@ -212,10 +212,6 @@ class RunContext:
         """Iterate with a progress bar (quiet in CI / without a terminal; trainer.progress)."""
         return track(iterable, description, total, self.hardware.progress)
 
-    def predictor(self, model: nn.Module, detectors: Sequence[InputDetector] = ()) -> PredictFn:
-        """See Scorer.predictor."""
-        return self._scorer().predictor(model, detectors)
-
     def evaluate(
         self, model: nn.Module, detectors: Sequence[InputDetector] = ()
     ) -> dict[str, float]:

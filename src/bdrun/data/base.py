@@ -62,6 +62,13 @@ class ImageSet:
             self.orig_y[selector],
         )
 
+    def random_subset(self, limit: int | None, g: torch.Generator) -> ImageSet:
+        """At most `limit` samples drawn with g, in their original order (all of them when
+        limit is None or not below the size)."""
+        if limit is None or limit >= len(self):
+            return self
+        return self.subset(torch.randperm(len(self), generator=g)[:limit].sort().values)
+
     def replace(self, **changes: Tensor) -> ImageSet:
         """A copy with some fields replaced (tensors not replaced are shared, not copied)."""
         fields = {

@@ -12,12 +12,9 @@ from bdrun.rng import generator
 
 
 def _random_subset(data: ImageSet, limit: int | None, g: torch.Generator) -> ImageSet:
-    if limit is None or limit >= len(data):
-        return data
-    if limit < 1:
+    if limit is not None and limit < 1:
         raise BdrunError(f"subset size {limit} must be >= 1")
-    keep = torch.randperm(len(data), generator=g)[:limit].sort().values
-    return data.subset(keep)
+    return data.random_subset(limit, g)
 
 
 def split_holdout(

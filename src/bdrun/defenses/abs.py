@@ -51,7 +51,7 @@ from torch import Tensor, nn
 
 from bdrun.data.base import to_float
 from bdrun.defenses.activations import get_module, layer_outputs
-from bdrun.defenses.base import Defense
+from bdrun.defenses.base import Defense, require_holdout
 from bdrun.defenses.prune import fraction
 from bdrun.errors import BdrunError
 from bdrun.metrics import on_device, predict
@@ -390,8 +390,7 @@ class ABS(Defense):
     def analyse(self, model: nn.Module, holdout: ImageSet, ctx: RunContext) -> None:
         started = time.perf_counter()
         layer = self.resolve_layer(model)
-        if len(holdout) == 0:
-            raise BdrunError("the clean holdout set is empty; ABS needs clean seed images")
+        require_holdout(holdout, 1, "ABS")
         classes, device = ctx.info.num_classes, ctx.device
         seeds = seed_images(holdout, self.images_per_class, classes, ctx.generator("abs-seeds"))
         seed_x = to_float(seeds.x)
@@ -421,11 +420,8 @@ class ABS(Defense):
                 model, layer, seed_x, seeds.y, candidates, settings,
                 ctx.generator("abs-reverse"), device,
             )  # fmt: skip
-            x, y = holdout.x, holdout.y
-            if self.max_samples is not None and len(x) > self.max_samples:
-                pick = torch.randperm(len(x), generator=ctx.generator("abs-reasr"))
-                chosen = pick[: self.max_samples].sort().values
-                x, y = x[chosen], y[chosen]
+            sample = holdout.random_subset(self.max_samples, ctx.generator("abs-reasr"))
+            x, y = sample.x, sample.y
             labels = torch.tensor([c.label for c in candidates])
             rates = reasr(
                 model, x, y, masks, patterns, labels, ctx.settings.eval_batch_size, device

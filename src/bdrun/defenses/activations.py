@@ -84,6 +84,35 @@ def channel_stats(
     return totals["sum"] / max(positions, 1), totals["max"]
 
 
+def cross_entropy_sum(logits: Tensor, labels: Tensor) -> Tensor:
+    return torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
+
+
+def input_gradients(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    objective: Callable[[Tensor, Tensor], Tensor] = cross_entropy_sum,
+    batch_size: int = 1024,
+    device: str | torch.device = "cpu",
+) -> Tensor:
+    """d objective(model(x_b), y_b) / d x for every image (eval mode, batched, images in the
+    model's dtype), on the CPU as [N, C, H, W]. The objective sums over the batch and the
+    images of an eval-mode batch are independent, so each row is its own sample's gradient;
+    gradients with respect to the weights are never formed. The model goes back to where it
+    was."""
+    grads = []
+    dtype = next(model.parameters()).dtype  # a float64 model gets float64 inputs
+    with on_device(model.eval(), device), torch.enable_grad():
+        for start in range(0, len(x), batch_size):
+            batch = to_float(x[start : start + batch_size].to(device)).to(dtype)
+            batch.requires_grad_(True)
+            labels = y[start : start + batch_size].to(device)
+            (grad,) = torch.autograd.grad(objective(model(batch), labels), batch)
+            grads.append(grad.detach().cpu())
+    return torch.cat(grads) if grads else torch.empty(0)
+
+
 @torch.no_grad()
 def penultimate(
     model: nn.Module, x: Tensor, batch_size: int = 1024, device: str | torch.device = "cpu"

@@ -20,10 +20,21 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
+from bdrun.errors import BdrunError
+
 if TYPE_CHECKING:
     from bdrun.context import RunContext
     from bdrun.data.base import ImageSet
     from bdrun.state import RunData
+
+
+def require_holdout(holdout: ImageSet, minimum: int, who: str) -> None:
+    """A one-line user error when the clean holdout has fewer than `minimum` images."""
+    if len(holdout) < minimum:
+        raise BdrunError(
+            f"{who} needs at least {minimum} clean holdout images but the holdout has "
+            f"{len(holdout)}; raise dataset.holdout_fraction (or dataset.max_holdout)"
+        )
 
 
 class InputDetector:

@@ -10,7 +10,7 @@ from torch import nn
 from bdrun.defenses.base import Defense
 from bdrun.defenses.pruning import copy_model
 from bdrun.errors import BdrunError
-from bdrun.training import TrainSettings, coerce
+from bdrun.training import coerce
 
 if TYPE_CHECKING:
     from bdrun.context import RunContext
@@ -34,14 +34,13 @@ def finetune(
     lr: float,
     epochs: int,
     stream: str = "finetune",
-    settings: TrainSettings | None = None,
     cache_key: dict[str, Any] | None = None,
 ) -> nn.Module:
     """A copy of `model` trained `epochs` epochs on `data` with learning rate `lr`.
 
-    Everything else (optimizer, batch size, schedule, weight decay) is `settings`, by default the
-    run's `train` setting. The attack's training hooks stay off: this is the defender's training,
-    on clean data. Channels pruned with torch's pruning masks stay zero while training.
+    Everything else (optimizer, batch size, schedule, weight decay) is the run's `train` setting.
+    The attack's training hooks stay off: this is the defender's training, on clean data.
+    Channels pruned with torch's pruning masks stay zero while training.
     With a `cache_key` (what else determines the result, e.g. the defense's name) the tuned copy
     goes through the model cache.
     """
@@ -49,7 +48,7 @@ def finetune(
     if epochs == 0 or len(data) == 0:
         return tuned.eval()
     tuned.train()  # Lightning keeps a module's mode; the cached model arrives in eval mode
-    settings = dataclasses.replace(settings or ctx.settings, lr=lr, epochs=epochs)
+    settings = dataclasses.replace(ctx.settings, lr=lr, epochs=epochs)
     if cache_key is None:
         return ctx.train(data, settings=settings, model=tuned, stream=stream, attack_hooks=False)
     tuned, _status = ctx.train_cached(

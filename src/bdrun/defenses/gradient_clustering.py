@@ -22,15 +22,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
-from bdrun.data.base import ImageSet, to_float
+from bdrun.data.base import ImageSet
 from bdrun.defenses.activation_clustering import ANALYSES, ActivationClustering, ClassClusters
+from bdrun.defenses.activations import input_gradients
 from bdrun.defenses.prune import fraction
 from bdrun.defenses.pruning import copy_model
 from bdrun.errors import BdrunError
-from bdrun.metrics import on_device
 from bdrun.report.plots import figure, save
 
 if TYPE_CHECKING:
@@ -41,29 +40,6 @@ log = logging.getLogger(__name__)
 FIGURE = "gradient_clustering_heatmaps.png"
 MAX_FIGURE_CLASSES = 10
 FEATURES = ("log", "abs", "signed")
-
-
-def input_gradients(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    batch_size: int = 1024,
-    device: str | torch.device = "cpu",
-) -> Tensor:
-    """d cross-entropy(model(x_i), y_i) / d x_i for every image (eval mode, batched), on the CPU
-    as [N, C, H, W] in the model's dtype. The loss is summed over a batch, so each row is its own sample's
-    gradient; gradients with respect to the weights are never formed."""
-    grads = []
-    dtype = next(model.parameters()).dtype  # a float64 model gets float64 inputs
-    with on_device(model.eval(), device), torch.enable_grad():
-        for start in range(0, len(x), batch_size):
-            batch = to_float(x[start : start + batch_size].to(device)).to(dtype)
-            batch.requires_grad_(True)
-            labels = y[start : start + batch_size].to(device)
-            loss = F.cross_entropy(model(batch), labels, reduction="sum")
-            (grad,) = torch.autograd.grad(loss, batch)
-            grads.append(grad.detach().cpu())
-    return torch.cat(grads) if grads else torch.empty(0)
 
 
 def concentration(saliency: np.ndarray, area: float) -> float:
@@ -152,7 +128,7 @@ class GradientClustering(ActivationClustering):
     def representation(self, model: nn.Module, images: ImageSet, ctx: RunContext) -> np.ndarray:
         precise = copy_model(model).double() if self.features == "log" else model
         grads = input_gradients(
-            precise, images.x, images.y, ctx.settings.eval_batch_size, ctx.device
+            precise, images.x, images.y, batch_size=ctx.settings.eval_batch_size, device=ctx.device
         )
         self._shape = tuple(images.x.shape[1:])
         flat = grads.flatten(1)

@@ -25,9 +25,9 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from bdrun.data.base import to_float
-from bdrun.defenses.base import Defense
+from bdrun.defenses.base import Defense, require_holdout
 from bdrun.defenses.finetune import check_schedule, finetune
-from bdrun.defenses.prune import fraction, subsample
+from bdrun.defenses.prune import fraction
 from bdrun.defenses.pruning import copy_model, make_permanent
 from bdrun.errors import BdrunError
 from bdrun.metrics import accuracy, on_device, predict
@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 PATH_COLUMNS = ("t", "holdout_acc", "cca", "asr", "ra")
 END_MODELS = ("finetune", "retrain")
+END_NAMES = {"finetune": "fine-tuned", "retrain": "second poisoned model"}
 
 
 def bezier(start: Tensor, control: Tensor, end: Tensor, t: float | Tensor) -> Tensor:
@@ -267,8 +268,8 @@ class ModeConnectivityRepair(Defense):
     ) -> list[dict[str, Any]]:
         """Holdout accuracy and CCA / ASR / RA at `path_points` evenly spaced t (scoring)."""
         g = ctx.generator("mcr-path")
-        test = subsample(data.test, self.path_samples, g)
-        backdoor = subsample(data.backdoor_test, self.path_samples, g)
+        test = data.test.random_subset(self.path_samples, g)
+        backdoor = data.backdoor_test.random_subset(self.path_samples, g)
         holdout = data.holdout
         batch, device = ctx.settings.eval_batch_size, ctx.device
         rows = []
@@ -288,8 +289,7 @@ class ModeConnectivityRepair(Defense):
         return rows
 
     def repair(self, model: nn.Module, data: RunData, ctx: RunContext) -> nn.Module:
-        if len(data.holdout) == 0:
-            raise BdrunError("the clean holdout set is empty; raise dataset.holdout_fraction")
+        require_holdout(data.holdout, 1, "MCR")
         curve = self.train_curve(model, data, ctx)
         self.path = self.score_path(curve, data, ctx)
         write_curve(
@@ -297,7 +297,7 @@ class ModeConnectivityRepair(Defense):
             "mcr_path",
             self.path,
             ctx.logger,
-            title=f"{self.name}: quadratic Bezier path (t = 0: poisoned, 1: fine-tuned)",
+            title=f"{self.name}: quadratic Bezier path (t = 0: poisoned, 1: {END_NAMES[self.end_model]})",
             columns=PATH_COLUMNS,
             x_key="t",
             x_label="t along the path",

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bdrun.defenses.activations import get_module
-from bdrun.defenses.base import Defense
+from bdrun.defenses.base import Defense, require_holdout
 from bdrun.defenses.finetune import check_schedule
 from bdrun.defenses.pruning import copy_model
 from bdrun.errors import BdrunError
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from torch.utils.hooks import RemovableHandle
 
     from bdrun.context import RunContext
+    from bdrun.data.base import ImageSet
     from bdrun.lightning_loop import ClassifierModule
     from bdrun.state import RunData
 
@@ -243,7 +244,6 @@ class NeuralAttentionDistillation(Defense):
                 "defense.crop_padding and defense.cutout must be >= 0 (0 turns them off), e.g. 4, 3"
             )
         self.flip = bool(flip)
-        self.teacher: nn.Module | None = None
         self._report: dict[str, Any] = {}
 
     def resolved_layers(self, model: nn.Module) -> list[str]:
@@ -274,55 +274,60 @@ class NeuralAttentionDistillation(Defense):
         first = min(self.lr_epochs, epochs)
         return [(lr, n) for lr, n in ((self.lr, first), (self.late_lr, epochs - first)) if n]
 
-    def repair(self, model: nn.Module, data: RunData, ctx: RunContext) -> nn.Module:
-        holdout = data.holdout
-        if len(holdout) == 0:
-            raise BdrunError("the clean holdout set is empty; raise dataset.holdout_fraction")
-        layers = self.resolved_layers(model)
-        settings = self.settings(ctx)
-        augmentation = Augmentation(self.crop_padding, self.flip, self.cutout)
-        teacher = copy_model(model)
-        for phase, (lr, epochs) in enumerate(self.phases(self.teacher_epochs)):
-            teacher, status = ctx.train_cached(
+    def train_in_phases(
+        self,
+        model: nn.Module,
+        holdout: ImageSet,
+        ctx: RunContext,
+        role: str,
+        epochs: int,
+        hooks: Sequence[TrainingHook],
+        key: dict[str, Any],
+    ) -> nn.Module:
+        """A copy of `model` trained on the holdout through the step schedule, one cached
+        training per phase (`role`: teacher or student; `key`: what else determines it)."""
+        model = copy_model(model)
+        for phase, (lr, phase_epochs) in enumerate(self.phases(epochs)):
+            model, status = ctx.train_cached(
                 holdout,
-                hooks=[augmentation],
-                settings=dataclasses.replace(settings, lr=lr, epochs=epochs),
-                extra_key={"nad": "teacher", "phase": phase, "augment": augmentation.key()},
-                stream=f"nad-teacher-{phase}",
-                model=teacher.train(),
+                hooks=hooks,
+                settings=dataclasses.replace(self.settings(ctx), lr=lr, epochs=phase_epochs),
+                extra_key={"nad": role, "phase": phase, **key},
+                stream=f"nad-{role}-{phase}",
+                model=model.train(),
                 attack_hooks=False,
             )
-            log.info("NAD teacher, phase %d: cache %s", phase, status)
-        self.teacher = teacher.eval()
-        student = copy_model(model)
+            log.info("NAD %s, phase %d: cache %s", role, phase, status)
+        return model.eval()
+
+    def repair(self, model: nn.Module, data: RunData, ctx: RunContext) -> nn.Module:
+        holdout = data.holdout
+        require_holdout(holdout, 1, "NAD")
+        layers = self.resolved_layers(model)
+        augmentation = Augmentation(self.crop_padding, self.flip, self.cutout)
+        augment = {"augment": augmentation.key()}
+        teacher = self.train_in_phases(
+            model, holdout, ctx, "teacher", self.teacher_epochs, [augmentation], augment
+        )
         hook = AttentionDistillation(copy_model(teacher), layers, self.betas, self.p)
+        distilled = {
+            "teacher": dict(teacher.state_dict()),
+            "layers": layers,
+            "betas": self.betas,
+            "p": self.p,
+        }
         try:
-            for phase, (lr, epochs) in enumerate(self.phases(self.epochs)):
-                student, status = ctx.train_cached(
-                    holdout,
-                    hooks=[augmentation, hook],
-                    settings=dataclasses.replace(settings, lr=lr, epochs=epochs),
-                    extra_key={
-                        "nad": "student",
-                        "phase": phase,
-                        "teacher": dict(teacher.state_dict()),
-                        "layers": layers,
-                        "betas": self.betas,
-                        "p": self.p,
-                        "augment": augmentation.key(),
-                    },
-                    stream=f"nad-student-{phase}",
-                    model=student.train(),
-                    attack_hooks=False,
-                )
-                log.info("NAD student, phase %d: cache %s", phase, status)
+            student = self.train_in_phases(
+                model, holdout, ctx, "student", self.epochs, [augmentation, hook],
+                {**distilled, **augment},
+            )  # fmt: skip
         finally:
             hook.close()
         self._report = {"nad_layers": layers}
         teacher_metrics = ctx.evaluate(teacher)
         for key in ("cca", "asr", "ra"):
             self._report[f"teacher_{key}"] = teacher_metrics[key]
-        return student.eval()
+        return student
 
     def report(self) -> dict[str, Any]:
         return dict(self._report)

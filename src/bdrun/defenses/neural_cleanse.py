@@ -173,10 +173,7 @@ class NeuralCleanse(Defense):
     def analyse(self, model: nn.Module, holdout: ImageSet, ctx: RunContext) -> None:
         """Reverse every label's trigger on the holdout and run the MAD outlier test."""
         self._analysed = model
-        x = holdout.x
-        if self.max_samples is not None and len(x) > self.max_samples:
-            pick = torch.randperm(len(x), generator=ctx.generator("nc-samples"))
-            x = x[pick[: self.max_samples].sort().values]
+        x = holdout.random_subset(self.max_samples, ctx.generator("nc-samples")).x
         labels = torch.arange(ctx.info.num_classes)
         triggers = reverse_triggers(
             model, x, labels, self.settings, ctx.generator("nc-reverse"), ctx.device

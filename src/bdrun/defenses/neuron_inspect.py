@@ -38,12 +38,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from bdrun.data.base import to_float
-from bdrun.defenses.base import Defense
+from bdrun.defenses.activations import input_gradients
+from bdrun.defenses.base import Defense, require_holdout
 from bdrun.defenses.neural_cleanse import CONSISTENCY, flagged_labels, mad_anomaly_index
 from bdrun.defenses.prune import fraction
 from bdrun.errors import BdrunError
-from bdrun.metrics import on_device
 from bdrun.report.triggers import plot_label_heatmaps
 from bdrun.training import coerce
 
@@ -53,6 +52,10 @@ if TYPE_CHECKING:
     from bdrun.state import RunData
 
 
+def selected_logits(logits: Tensor, labels: Tensor) -> Tensor:
+    return logits.gather(1, labels[:, None]).sum()
+
+
 def saliency_maps(
     model: nn.Module,
     x: Tensor,
@@ -60,20 +63,9 @@ def saliency_maps(
     batch_size: int = 1024,
     device: str | torch.device = "cpu",
 ) -> Tensor:
-    """|d logit_labels[i] / d x[i]|, maximum over channels: [N, H, W] on the CPU.
-
-    Each image's gradient is independent of the others in eval mode, so one backward pass of the
-    summed selected logits gives every image's own gradient."""
-    maps = []
-    with on_device(model.eval(), device):
-        for start in range(0, len(x), batch_size):
-            batch = to_float(x[start : start + batch_size].to(device)).requires_grad_(True)
-            wanted = labels[start : start + batch_size].to(device)
-            logits = model(batch)
-            chosen = logits.gather(1, wanted[:, None]).sum()
-            (grad,) = torch.autograd.grad(chosen, batch)
-            maps.append(grad.abs().amax(1).float().cpu())
-    return torch.cat(maps) if maps else torch.empty(0)
+    """|d logit_labels[i] / d x[i]|, maximum over channels: [N, H, W] on the CPU."""
+    grads = input_gradients(model, x, labels, selected_logits, batch_size, device)
+    return grads.abs().amax(1).float() if len(grads) else grads
 
 
 def scale_to_max(heatmaps: Tensor) -> Tensor:
@@ -189,13 +181,9 @@ class NeuronInspect(Defense):
 
     def analyse(self, model: nn.Module, holdout: ImageSet, ctx: RunContext) -> None:
         started = time.perf_counter()
-        if len(holdout) < 2:
-            raise BdrunError("the clean holdout set is empty; NeuronInspect needs clean images")
-        x, y = holdout.x, holdout.y
-        if self.max_samples is not None and len(x) > self.max_samples:
-            pick = torch.randperm(len(x), generator=ctx.generator("neuron-inspect-samples"))
-            chosen = pick[: self.max_samples].sort().values
-            x, y = x[chosen], y[chosen]
+        require_holdout(holdout, 2, "NeuronInspect")
+        sample = holdout.random_subset(self.max_samples, ctx.generator("neuron-inspect-samples"))
+        x, y = sample.x, sample.y
         classes = ctx.info.num_classes
         sparse, smooth, persist = (torch.zeros(classes, dtype=torch.float64) for _ in range(3))
         mean_maps = torch.zeros(classes, *x.shape[2:])

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from bdrun.data.base import to_float
 from bdrun.defenses.activations import get_module
-from bdrun.defenses.base import Defense, InputDetector
+from bdrun.defenses.base import Defense, InputDetector, require_holdout
 from bdrun.defenses.detection import auroc, input_detection_metrics
 from bdrun.defenses.pruning import reduce_channels
 from bdrun.errors import BdrunError
@@ -312,11 +312,7 @@ class Nic(Defense):
 
     def detector(self, model: nn.Module, data: RunData, ctx: RunContext) -> InputDetector:
         holdout = data.holdout
-        if len(holdout) < 6:
-            raise BdrunError(
-                f"NIC needs clean holdout images but the holdout has {len(holdout)}; "
-                "raise dataset.holdout_fraction (or dataset.max_holdout)"
-            )
+        require_holdout(holdout, 6, "NIC")
         layers = self.layers or default_layers(model)
         for name in layers:
             get_module(model, name)  # a BdrunError listing layers when a name is wrong

@@ -29,7 +29,6 @@ from bdrun.training import coerce
 
 if TYPE_CHECKING:
     from bdrun.context import RunContext
-    from bdrun.data.base import ImageSet
     from bdrun.state import RunData
 
 
@@ -69,12 +68,6 @@ def curve_counts(channels: int, points: int, extra: Sequence[int] = ()) -> list[
 def keep_rows(order: Tensor, counts: Sequence[int], channels: int) -> Tensor:
     """Float [len(counts), C]: row i keeps every channel but the first counts[i] of `order`."""
     return torch.stack([~pruned_mask(order, k, channels) for k in counts]).float()
-
-
-def subsample(data: ImageSet, limit: int | None, g: torch.Generator) -> ImageSet:
-    if limit is None or len(data) <= limit:
-        return data
-    return data.subset(torch.randperm(len(data), generator=g)[:limit].sort().values)
 
 
 @dataclass
@@ -252,8 +245,8 @@ class Prune(Defense):
         """CCA, ASR and RA on the test sets at each of `counts` pruning levels (scoring only)."""
         keeps = keep_rows(plan.order, counts, plan.channels)
         g = ctx.generator("pruning-curve")
-        test = subsample(data.test, self.curve_samples, g)
-        backdoor = subsample(data.backdoor_test, self.curve_samples, g)
+        test = data.test.random_subset(self.curve_samples, g)
+        backdoor = data.backdoor_test.random_subset(self.curve_samples, g)
         batch, device = ctx.settings.eval_batch_size, ctx.device
         layer = plan.site.rank_layer
         clean_preds = masked_predictions(model, layer, test.x, keeps, batch, device)

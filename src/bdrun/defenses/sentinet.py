@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from bdrun.data.base import to_float
 from bdrun.defenses.activations import get_module
-from bdrun.defenses.base import Defense, InputDetector
+from bdrun.defenses.base import Defense, InputDetector, require_holdout
 from bdrun.defenses.detection import input_detection_metrics
 from bdrun.errors import BdrunError
 from bdrun.metrics import logits_of, on_device
@@ -343,11 +343,7 @@ class Sentinet(Defense):
 
     def detector(self, model: nn.Module, data: RunData, ctx: RunContext) -> InputDetector:
         holdout = data.holdout
-        if len(holdout) < 2:
-            raise BdrunError(
-                f"SentiNet needs clean holdout images but the holdout has {len(holdout)}; "
-                "raise dataset.holdout_fraction (or dataset.max_holdout)"
-            )
+        require_holdout(holdout, 2, "SentiNet")
         if self.layer:
             get_module(model, self.layer)  # a BdrunError listing layers when the name is wrong
         with on_device(model, ctx.device):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bdrun.data.base import to_float
-from bdrun.defenses.base import Defense, InputDetector
+from bdrun.defenses.base import Defense, InputDetector, require_holdout
 from bdrun.defenses.detection import input_detection_metrics
 from bdrun.errors import BdrunError
 from bdrun.report.histograms import clean_vs_trojaned
@@ -164,11 +164,7 @@ class Strip(Defense):
 
     def detector(self, model: nn.Module, data: RunData, ctx: RunContext) -> InputDetector:
         holdout = data.holdout
-        if len(holdout) < 2:
-            raise BdrunError(
-                f"STRIP needs clean holdout images but the holdout has {len(holdout)}; "
-                "raise dataset.holdout_fraction (or dataset.max_holdout)"
-            )
+        require_holdout(holdout, 2, "STRIP")
         order = torch.randperm(len(holdout), generator=ctx.generator("strip-holdout"))
         n_pool = min(max(1, round(self.overlay_share * len(holdout))), len(holdout) - 1)
         pool, calibration = holdout.x[order[:n_pool]], holdout.x[order[n_pool:]]
