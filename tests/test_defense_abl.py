@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from bdrun.defenses.abl import (
+    AnchoredUnlearning,
     AntiBackdoorLearning,
     GradientAscent,
     IsolationLoss,
@@ -50,6 +51,21 @@ def test_margin_unlearning_keeps_a_gradient_where_the_softmax_is_saturated():
     assert saturated.grad.abs().sum() < 1e-20  # why the margin exists
 
 
+def test_anchored_unlearning_by_hand():
+    # rows 0 and 1 of the training set are the isolated samples, row 5 a clean anchor image
+    logits = torch.tensor([[4.0, 1.0], [0.0, 2.0], [3.0, 1.0]])
+    y = torch.tensor([0, 1, 1])
+    pos = torch.tensor([0, 5, 1])
+    hook = AnchoredUnlearning(MarginUnlearning(), forget=2)
+    forget = MarginUnlearning().loss(logits[[0, 2]], y[[0, 2]], pos[[0, 2]], None)  # (3 + 0) / 2
+    assert torch.isclose(forget, torch.tensor(1.5))
+    anchor = F.cross_entropy(logits[1:2], y[1:2])
+    assert torch.isclose(hook.loss(logits, y, pos, None), forget + anchor)
+    # a batch of anchor images only is plain fine-tuning, one of isolated samples plain unlearning
+    assert torch.isclose(hook.loss(logits[1:2], y[1:2], pos[1:2], None), anchor)
+    assert torch.isclose(hook.loss(logits[[0, 2]], y[[0, 2]], pos[[0, 2]], None), forget)
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
@@ -61,6 +77,7 @@ def test_margin_unlearning_keeps_a_gradient_where_the_softmax_is_saturated():
         {"unlearning_loss": "flooding"},
         {"unlearning_stop": 1.0},
         {"unlearning_stop": -0.1},
+        {"unlearning_anchor": "test"},
     ],
 )
 def test_bad_settings_are_user_errors(kwargs):
@@ -79,8 +96,8 @@ def test_abl_on_digits_isolates_one_percent_and_caches_every_stage(tmp_path, cap
     assert d["isolated_top_label_share"] >= d["precision"]  # the poisons all carry label 0
     stages = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ABL")]
     assert sum("cache miss" in m for m in stages) == 3  # isolation, training on, unlearning
-    # the unlearning ran until at most 10 % of the isolated samples kept their labels
-    assert 1 <= d["unlearning_epochs_run"] <= 5 and d["isolated_acc_after"] <= 0.1
+    # digits unlearn against the clean holdout for every epoch (tuning/defense_dataset/abl_digits)
+    assert d["unlearning_epochs_run"] == 30 and d["isolated_acc_after"] <= 0.1
     assert first["metrics"]["after"]["asr"] < first["metrics"]["before"]["asr"]
 
     caplog.clear()
@@ -90,6 +107,16 @@ def test_abl_on_digits_isolates_one_percent_and_caches_every_stage(tmp_path, cap
     assert second["metrics"]["detection"] == d  # the unlearning record came from the cache
     assert second["metrics"]["after"] == first["metrics"]["after"]
     assert json.loads((tmp_path / "second" / "results.json").read_text())["defense"] == "abl"
+
+    # the authors' unlearning of the isolated samples alone, stopped once they are unlearned:
+    # isolation and training on come from the cache, the unlearning is a model of its own
+    caplog.clear()
+    alone = ["defense.unlearning_anchor=none", "defense.unlearning_stop=0.1"]
+    cfg = compose_config("defense=abl", "logger=none", "train.epochs=6", *alone)
+    third = run(cfg, tmp_path / "third")["metrics"]["detection"]
+    stages = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ABL")]
+    assert [m.split("cache ")[-1] for m in stages if "cache" in m] == ["hit", "hit", "miss"]
+    assert 1 <= third["unlearning_epochs_run"] <= 30 and third["isolated_acc_after"] <= 0.1
 
 
 # Issue 5's bar holds for BadNets (measured 2026-11-23, CPU, 6 epochs: precision 0.995, ASR

@@ -21,15 +21,11 @@ def test_sig_digits_tuning_is_picked_up_for_digits_only():
 
 # Measured 2026-12-02 (CPU, one thread; conf/tuning/attack_dataset/sig_digits.yaml has the
 # search): seeds 0 / 1 / 2 give ASR 97.3 / 85.8 / 98.5 % (CCA 93.5 / 95.7 / 95.7 %); ABL isolates
-# 11 poisons out of 11 on each seed and leaves ASR 0.0 / 0.2 / 0.0 %, but CCA 88.1 % on each:
-# unlearning the clean-label poisons (true label 9) takes most clean nines with them. The run is
-# pinned to one thread: with two, float rounding changes which samples LGA leaves at the bottom
-# of the loss (seed 0: 3 poisons of 11 isolated, ASR after 69.4 %).
-ABL_COSTS_CLEAN_NINES = pytest.mark.xfail(
-    strict=True, reason="ABL costs 5.4 points of CCA (93.5 -> 88.1 %): the clean nines go too"
-)
-
-
+# 11 poisons out of 11 on each seed. Unlearning them alone left ASR 0.0 / 0.2 / 0.0 % at CCA
+# 88.1 % on each (the clean nines went with them); against the clean holdout
+# (conf/tuning/defense_dataset/abl_digits.yaml) ASR 0.0 % at CCA 97.8 / 97.4 / 97.4 %. The run is
+# pinned to one thread for the isolation precision: with two, float rounding changes which
+# samples LGA leaves at the bottom of the loss (precision 0.27 / 0.64 / 1.0, ASR still 0.0 %).
 # ~25 s for the run from an empty cache on one thread at load ~12 on 2 cores
 @pytest.fixture(scope="module")
 def showcase(tmp_path_factory):
@@ -58,7 +54,6 @@ def test_showcase_abl_removes_sig(showcase):
 
 
 @pytest.mark.slow
-@ABL_COSTS_CLEAN_NINES
 def test_showcase_abl_keeps_clean_accuracy(showcase):
     results, _ = showcase
     before, after = results["metrics"]["before"], results["metrics"]["after"]

@@ -108,13 +108,7 @@ class MultiTrigger(Attack):
             parts.append(part)
             self._slices.append(slice(start, start + len(part)))
             start += len(part)
-        return ImageSet(
-            torch.cat([p.x for p in parts]),
-            torch.cat([p.y for p in parts]),
-            torch.cat([p.index for p in parts]),
-            torch.cat([p.poison for p in parts]),
-            torch.cat([p.orig_y for p in parts]),
-        )
+        return ImageSet.concat(parts)
 
     def evaluate(
         self, predict_fn: Callable[[Tensor], Tensor], data: RunData, ctx: RunContext

@@ -81,6 +81,17 @@ class ImageSet:
         fields.update(changes)
         return ImageSet(**fields)
 
+    @staticmethod
+    def concat(parts: list[ImageSet]) -> ImageSet:
+        """The parts one after another, ground truth included."""
+        return ImageSet(
+            torch.cat([p.x for p in parts]),
+            torch.cat([p.y for p in parts]),
+            torch.cat([p.index for p in parts]),
+            torch.cat([p.poison for p in parts]),
+            torch.cat([p.orig_y for p in parts]),
+        )
+
     @property
     def shape(self) -> tuple[int, int, int]:
         return tuple(self.x.shape[1:])  # type: ignore[return-value]

@@ -39,10 +39,11 @@ LOSSES = ("lga", "flooding")
 SCORES = ("late_max", "last")
 
 
-def training_set_logits(module: ClassifierModule) -> Tensor:
-    """Logits of the training set under the model being trained (eval mode, batched), at an
-    epoch's end; the model goes back to training mode."""
-    logits = logits_of(module.model, module.data.x, module.settings.eval_batch_size, module.device)
+def training_set_logits(module: ClassifierModule, rows: slice = slice(None)) -> Tensor:
+    """Logits of the training set's `rows` under the model being trained (eval mode, batched),
+    at an epoch's end; the model goes back to training mode."""
+    x = module.data.x[rows]
+    logits = logits_of(module.model, x, module.settings.eval_batch_size, module.device)
     module.model.train()
     return logits
 
@@ -125,6 +126,28 @@ class MarginUnlearning(TrainingHook):
 
 
 UNLEARNING_LOSSES = {"ascent": GradientAscent, "margin": MarginUnlearning}
+ANCHORS = ("none", "holdout")
+
+
+class AnchoredUnlearning(TrainingHook):
+    """The unlearning loss on the first `forget` rows of the training set (the isolated samples)
+    plus the cross-entropy on the others (clean anchor images), so that unlearning a trigger
+    does not unlearn the class its clean-label poisons belong to."""
+
+    resumable = True
+
+    def __init__(self, unlearn: TrainingHook, forget: int) -> None:
+        self.unlearn = unlearn
+        self.forget = forget
+
+    def loss(self, logits: Tensor, y: Tensor, pos: Tensor, module: ClassifierModule) -> Tensor:
+        forget = pos.to(logits.device) < self.forget
+        loss = logits.new_zeros(())
+        if forget.any():
+            loss = loss + self.unlearn.loss(logits[forget], y[forget], pos[forget], module)
+        if not forget.all():
+            loss = loss + F.cross_entropy(logits[~forget], y[~forget])
+        return loss
 
 
 class UnlearningRecord(nn.Module):
@@ -140,12 +163,14 @@ class UnlearningRecord(nn.Module):
 class UnlearningStop(TrainingHook):
     """Records the isolated samples' accuracy on their training labels after every unlearning
     epoch (for the poisoned ones these are the attack's labels: the isolated set's own attack
-    success) and ends the unlearning once it is at most `max_acc` (None: never)."""
+    success) and ends the unlearning once it is at most `max_acc` (None: never). The isolated
+    samples are the first `isolated` rows of the training set (None: all of it)."""
 
     resumable = False  # the record is state of its own
 
-    def __init__(self, max_acc: float | None) -> None:
+    def __init__(self, max_acc: float | None, isolated: int | None = None) -> None:
         self.max_acc = max_acc
+        self.isolated = isolated
         self.record = UnlearningRecord()
 
     def on_train_start(self, module: ClassifierModule) -> None:
@@ -154,7 +179,9 @@ class UnlearningStop(TrainingHook):
 
     @torch.no_grad()
     def on_epoch_end(self, module: ClassifierModule) -> None:
-        isolated_acc = accuracy(training_set_logits(module).argmax(1), module.data.y)
+        rows = slice(self.isolated)
+        logits = training_set_logits(module, rows)
+        isolated_acc = accuracy(logits.argmax(1), module.data.y[rows])
         self.record.epochs += 1
         self.record.accuracy.fill_(isolated_acc)
         if self.max_acc is not None and isolated_acc <= self.max_acc:
@@ -202,6 +229,13 @@ class AntiBackdoorLearning(Defense):
        gave ASR 0 % but CCA 79.9 % (92.1 % undefended): after the first epoch 93 % of the
        isolated samples had left their labels and the later epochs only cost clean accuracy;
        stopping there (the default) gave ASR 1.6 % and CCA 88.6 %.
+       `unlearning_anchor` "holdout" (ours; "none", theirs, is the default) adds the
+       cross-entropy on the defender's clean holdout to every unlearning step. Why: a
+       clean-label poison carries its true label, so unlearning it also unlearns its class.
+       On digits SIG (102 of 113 nines poisoned) unlearning 11 isolated poisons alone took the
+       clean nines from 52.5 % to 8.5 % (CCA -5.4 points); against the holdout for 30 epochs at
+       lr 1e-3 ASR fell to 0 % with CCA +4.3 (tuning/defense_dataset/abl_digits.yaml), while the
+       holdout alone left ASR at 99.2 %.
     The report adds `isolated_top_label_share`, the share of the isolated samples that carry
     their most common label (a warning below 0.9): all-to-one and clean-label poisons share the
     target label, while on Fashion-MNIST SIG the lowest-loss 1 % were clean trousers, bags and
@@ -229,6 +263,7 @@ class AntiBackdoorLearning(Defense):
         isolation_score: str = "late_max",
         unlearning_loss: str = "margin",
         unlearning_stop: float | None = 0.1,
+        unlearning_anchor: str = "none",
     ) -> None:
         if not 0 < float(isolation_ratio) < 1:
             raise BdrunError(f"defense.isolation_ratio={isolation_ratio} must be in (0, 1)")
@@ -243,6 +278,11 @@ class AntiBackdoorLearning(Defense):
             )
         if unlearning_stop is not None and not 0 <= float(unlearning_stop) < 1:
             raise BdrunError(f"defense.unlearning_stop={unlearning_stop} must be in [0, 1) or null")
+        if unlearning_anchor not in ANCHORS:
+            raise BdrunError(
+                f"defense.unlearning_anchor={unlearning_anchor!r} must be one of "
+                + ", ".join(ANCHORS)
+            )
         if loss not in LOSSES:
             raise BdrunError(f"defense.loss={loss!r} must be one of {', '.join(LOSSES)}")
         epochs = {
@@ -261,6 +301,7 @@ class AntiBackdoorLearning(Defense):
         self.isolation_score = isolation_score
         self.unlearning_loss = unlearning_loss
         self.unlearning_stop = None if unlearning_stop is None else float(unlearning_stop)
+        self.unlearning_anchor = unlearning_anchor
         self.loss = loss
         self.gamma = float(gamma)
         self.flooding = float(flooding)
@@ -340,16 +381,22 @@ class AntiBackdoorLearning(Defense):
             scheduler="none",
             eval_batch_size=ctx.settings.eval_batch_size,
         )
-        stop = UnlearningStop(self.unlearning_stop)
+        forget = train_set.subset(isolated)
+        unlearn: TrainingHook = UNLEARNING_LOSSES[self.unlearning_loss]()
+        if self.unlearning_anchor == "holdout":
+            unlearn = AnchoredUnlearning(unlearn, forget=len(forget))
+            forget = ImageSet.concat([forget, data.holdout])
+        stop = UnlearningStop(self.unlearning_stop, isolated=int(isolated.sum()))
         model, status = ctx.train_cached(
-            train_set.subset(isolated),
-            hooks=[UNLEARNING_LOSSES[self.unlearning_loss](), stop],
+            forget,
+            hooks=[unlearn, stop],
             settings=unlearning,
             model=model,
             extra_key={
                 "abl": "gradient ascent",
                 "loss": self.unlearning_loss,
                 "stop": self.unlearning_stop,
+                "anchor": self.unlearning_anchor,
             },
             stream="abl-unlearning",
         )
