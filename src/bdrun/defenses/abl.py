@@ -353,10 +353,15 @@ class AntiBackdoorLearning(Defense):
         self._report["isolated_top_label_share"] = share
         log.info("ABL isolated %d samples: %s", int(isolated.sum()), self._report)
         if share < 0.9:
+            cost = (
+                "; the clean holdout limits what unlearning them costs"
+                if self.unlearning_anchor == "holdout"
+                else ", and unlearning them costs clean accuracy"
+            )
             warning = (
                 f"ABL: the isolated samples spread over several labels (the most common holds "
                 f"{100 * share:.0f} %); against an all-to-one or clean-label attack the isolation "
-                f"likely caught easy clean samples, and unlearning them costs clean accuracy"
+                f"likely caught easy clean samples{cost}"
             )
             log.warning(warning)
             self._report["warnings"] = [warning]  # printed under the run's summary table
