@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from bdrun.cli import CONF_DIR
 from bdrun.data.base import ImageSet
-from bdrun.runner import Setup, poison_stage, scorer_for, setup
+from bdrun.runner import Setup, poison_stage, run, scorer_for, setup
 from bdrun.state import RunData
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,6 +41,18 @@ def compose_config(*overrides: str) -> DictConfig:
     """The composed bdrun config for these overrides (Hydra's compose API, no run folder)."""
     with initialize_config_dir(version_base=None, config_dir=CONF_DIR):
         return compose("config", overrides=list(overrides))
+
+
+def run_fashion_mnist(run_dir: Path, *overrides: str) -> dict:
+    """One in-process run on the real Fashion-MNIST (no logger) with these overrides; its
+    results (results.json's content)."""
+    return run(compose_config("dataset=fashion_mnist", "logger=none", *overrides), run_dir)
+
+
+def repair_figures(results: dict) -> tuple[dict, dict, dict]:
+    """(detection, before, after) of a run's metrics."""
+    metrics = results["metrics"]
+    return metrics["detection"], metrics["before"], metrics["after"]
 
 
 def run_bdrun(

@@ -19,7 +19,7 @@ from bdrun.defenses.abl import (
 from bdrun.errors import BdrunError
 from bdrun.runner import run
 
-from conftest import compose_config, needs_fashion_mnist
+from conftest import compose_config, needs_fashion_mnist, repair_figures, run_fashion_mnist
 
 
 def test_isolation_losses_by_hand():
@@ -131,9 +131,8 @@ SIG_NOT_ISOLATED = pytest.mark.xfail(strict=True, reason="SIG poisons are not th
 @needs_fashion_mnist
 @pytest.mark.parametrize("attack", ["badnets", pytest.param("sig", marks=SIG_NOT_ISOLATED)])
 def test_abl_fashion_mnist(attack, tmp_path):
-    cfg = compose_config("dataset=fashion_mnist", f"attack={attack}", "defense=abl", "logger=none")
-    results = run(cfg, tmp_path)
-    d, before, after = (results["metrics"][k] for k in ("detection", "before", "after"))
+    results = run_fashion_mnist(tmp_path, f"attack={attack}", "defense=abl")
+    d, before, after = repair_figures(results)
     print(f"ABL FMNIST {attack}: isolation {d}; before {before}; after {after}")
     assert d["precision"] >= 0.9
     assert after["asr"] <= 0.10

@@ -23,7 +23,7 @@ from bdrun.defenses.abs import (
 from bdrun.errors import BdrunError
 from bdrun.runner import run
 
-from conftest import compose_config, needs_fashion_mnist
+from conftest import compose_config, needs_fashion_mnist, run_fashion_mnist
 
 
 def test_label_elevation_is_the_rise_over_the_unstimulated_logit():
@@ -232,14 +232,10 @@ def test_digits_run_reports_reasr_per_label_and_leaves_the_model_alone(tmp_path)
     assert detection["flagged_labels"] == [0]
 
 
-def fashion_mnist(tmp_path, *overrides: str) -> dict:
-    return run(compose_config("dataset=fashion_mnist", "logger=none", *overrides), tmp_path)
-
-
 @pytest.mark.slow
 @needs_fashion_mnist
 def test_abs_flags_the_fmnist_badnets_target(tmp_path):
-    results = fashion_mnist(tmp_path, "attack=badnets", "defense=abs", "defense.steps=300")
+    results = run_fashion_mnist(tmp_path, "attack=badnets", "defense=abs", "defense.steps=300")
     detection = results["metrics"]["detection"]
     print(detection["reasr"], detection["candidates"])
     # the FMNIST tuning stimulates relu3 (dense); measured: label 0 REASR 0.96, others <= 0.43
@@ -250,7 +246,7 @@ def test_abs_flags_the_fmnist_badnets_target(tmp_path):
 @pytest.mark.slow
 @needs_fashion_mnist
 def test_abs_flags_nothing_on_a_clean_fmnist_model(tmp_path):
-    results = fashion_mnist(tmp_path, "attack=none", "defense=abs", "defense.steps=300")
+    results = run_fashion_mnist(tmp_path, "attack=none", "defense=abs", "defense.steps=300")
     detection = results["metrics"]["detection"]
     print(detection["reasr"])
     # measured on relu3: every label's REASR <= 0.16

@@ -9,7 +9,7 @@ from bdrun.defenses.activation_clustering import ActivationClustering
 from bdrun.errors import BdrunError
 from bdrun.runner import run
 
-from conftest import compose_config, needs_fashion_mnist
+from conftest import compose_config, needs_fashion_mnist, repair_figures, run_fashion_mnist
 
 
 def two_groups(n_small: int, n_large: int, gap: float):
@@ -82,11 +82,8 @@ def test_activation_clustering_on_digits(tmp_path):
     "ASR 4.6 % on another model",
 )
 def test_activation_clustering_fashion_mnist_badnets(tmp_path):
-    cfg = compose_config(
-        "dataset=fashion_mnist", "attack=badnets", "defense=activation_clustering", "logger=none"
-    )
-    results = run(cfg, tmp_path)
-    d, before, after = (results["metrics"][k] for k in ("detection", "before", "after"))
+    results = run_fashion_mnist(tmp_path, "attack=badnets", "defense=activation_clustering")
+    d, before, after = repair_figures(results)
     print(f"activation clustering FMNIST BadNets: {d}; before {before}; after {after}")
     assert d["recall"] >= 0.9 and d["precision"] >= 0.9
     assert after["asr"] <= 0.05

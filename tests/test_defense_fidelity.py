@@ -13,20 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from bdrun.runner import run
-
-from conftest import compose_config, needs_fashion_mnist
+from conftest import needs_fashion_mnist, run_fashion_mnist
 
 pytestmark = [
     pytest.mark.slow,
     needs_fashion_mnist,
 ]
 NC_BUDGET = "defense.samples_per_step=320"
-
-
-def fashion_mnist(tmp_path: Path, *overrides: str) -> dict:
-    cfg = compose_config("dataset=fashion_mnist", "logger=none", *overrides)
-    return run(cfg, tmp_path)
 
 
 def read_curve(path: Path) -> list[dict[str, float]]:
@@ -39,7 +32,7 @@ def test_pruning_curve_on_fashion_mnist_badnets(tmp_path):
     (3) pruning deep enough removes the backdoor and clean accuracy with it. Stage (2), where the
     backdoor dies while clean accuracy holds, does not appear on this 64-channel layer: the
     trigger is carried by channels clean inputs use too (printed, not asserted)."""
-    results = fashion_mnist(tmp_path, "attack=badnets", "defense=prune")
+    results = run_fashion_mnist(tmp_path, "attack=badnets", "defense=prune")
     rows = read_curve(tmp_path / "pruning_curve_prune.csv")
     first = rows[0]
     assert [r["pruned"] for r in rows] == list(range(65))
@@ -60,7 +53,7 @@ def test_fine_pruning_removes_badnets_and_keeps_clean_accuracy(tmp_path):
     fine-tuning on the holdout at the training learning rate (0.05). The paper's 4 % accuracy-drop
     stop prunes only 46 channels here (ASR 96.6 % before fine-tuning); with the default
     fine-tuning lr 0.01 the 90 % prune still ends at ASR 44 % (measured 2026-11-22)."""
-    results = fashion_mnist(
+    results = run_fashion_mnist(
         tmp_path,
         "attack=badnets",
         "defense=fine_pruning",
@@ -75,7 +68,7 @@ def test_fine_pruning_removes_badnets_and_keeps_clean_accuracy(tmp_path):
 
 
 def test_neural_cleanse_flags_the_badnets_target_and_unlearning_removes_it(tmp_path):
-    results = fashion_mnist(tmp_path, "attack=badnets", "defense=neural_cleanse", NC_BUDGET)
+    results = run_fashion_mnist(tmp_path, "attack=badnets", "defense=neural_cleanse", NC_BUDGET)
     detection = results["metrics"]["detection"]
     before, after = results["metrics"]["before"], results["metrics"]["after"]
     print(
@@ -92,7 +85,7 @@ def test_neural_cleanse_flags_the_badnets_target_and_unlearning_removes_it(tmp_p
 
 
 def test_neural_cleanse_flags_nothing_on_a_clean_model(tmp_path):
-    results = fashion_mnist(
+    results = run_fashion_mnist(
         tmp_path, "attack=none", "defense=neural_cleanse", "defense.mitigation=none", NC_BUDGET
     )
     detection = results["metrics"]["detection"]

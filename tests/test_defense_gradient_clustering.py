@@ -17,7 +17,7 @@ from bdrun.defenses.gradient_clustering import (
 from bdrun.errors import BdrunError
 from bdrun.runner import run
 
-from conftest import compose_config, needs_fashion_mnist
+from conftest import compose_config, needs_fashion_mnist, repair_figures, run_fashion_mnist
 
 
 def test_input_gradients_of_a_linear_model_by_hand():
@@ -106,11 +106,8 @@ def test_gradient_clustering_on_digits(tmp_path):
 @pytest.mark.slow
 @needs_fashion_mnist
 def test_gradient_clustering_fashion_mnist_badnets(tmp_path):
-    cfg = compose_config(
-        "dataset=fashion_mnist", "attack=badnets", "defense=gradient_clustering", "logger=none"
-    )
-    results = run(cfg, tmp_path)
-    d, before, after = (results["metrics"][k] for k in ("detection", "before", "after"))
+    results = run_fashion_mnist(tmp_path, "attack=badnets", "defense=gradient_clustering")
+    d, before, after = repair_figures(results)
     print(f"gradient clustering FMNIST BadNets: {d}; before {before}; after {after}")
     assert d["recall"] >= 0.9
     assert after["asr"] <= 0.05

@@ -13,7 +13,7 @@ from bdrun.defenses.mcr import BezierCurve, ModeConnectivityRepair, bezier, upda
 from bdrun.errors import BdrunError
 from bdrun.runner import run
 
-from conftest import compose_config, needs_fashion_mnist
+from conftest import compose_config, needs_fashion_mnist, repair_figures, run_fashion_mnist
 
 
 def two_models():
@@ -142,9 +142,8 @@ def test_mcr_on_digits(tmp_path):
 def test_mcr_fashion_mnist_badnets(tmp_path):
     # tuning/defense_dataset/mcr_fashion_mnist.yaml: init=random, lr 0.05, wd 0.01, t = 0.35;
     # measured ASR 6.5 % / CCA -4.8 points (seed 0), 4.5 % / -4.7 (seed 1)
-    cfg = compose_config("dataset=fashion_mnist", "attack=badnets", "defense=mcr", "logger=none")
-    results = run(cfg, tmp_path)
-    d, before, after = (results["metrics"][k] for k in ("detection", "before", "after"))
+    results = run_fashion_mnist(tmp_path, "attack=badnets", "defense=mcr")
+    d, before, after = repair_figures(results)
     print(f"MCR FMNIST BadNets: {d}; before {before}; after {after}")
     assert after["asr"] <= 0.10
     assert before["cca"] - after["cca"] <= 0.05

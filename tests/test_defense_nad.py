@@ -15,7 +15,7 @@ from bdrun.defenses.nad import (
 from bdrun.errors import BdrunError
 from bdrun.runner import run
 
-from conftest import compose_config, needs_fashion_mnist
+from conftest import compose_config, needs_fashion_mnist, repair_figures, run_fashion_mnist
 
 
 def test_attention_map_by_hand():
@@ -103,9 +103,8 @@ def test_nad_fashion_mnist_badnets(tmp_path):
     # with tuning/defense_dataset/nad_fashion_mnist.yaml; measured 2026-12-02 (this test's
     # threads): ASR 4.7 %, CCA 87.3 % (92.1 % before): 0.2 points inside the CCA bar. Seed 1
     # misses it (ASR 11.1 %, CCA 87.0 % of 92.4 %, one thread); see the tuning file.
-    cfg = compose_config("dataset=fashion_mnist", "attack=badnets", "defense=nad", "logger=none")
-    results = run(cfg, tmp_path)
-    d, before, after = (results["metrics"][k] for k in ("detection", "before", "after"))
+    results = run_fashion_mnist(tmp_path, "attack=badnets", "defense=nad")
+    d, before, after = repair_figures(results)
     print(f"NAD FMNIST BadNets: {d}; before {before}; after {after}")
     assert after["asr"] <= 0.10
     assert before["cca"] - after["cca"] <= 0.05

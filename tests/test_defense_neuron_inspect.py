@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,7 +22,7 @@ from bdrun.defenses.neuron_inspect import (
 from bdrun.errors import BdrunError
 from bdrun.runner import run
 
-from conftest import compose_config, needs_fashion_mnist
+from conftest import compose_config, needs_fashion_mnist, run_fashion_mnist
 
 
 def test_sparseness_and_smoothness_match_a_hand_computation():
@@ -138,11 +137,6 @@ def test_digits_run_reports_a_score_per_label_and_leaves_the_model_alone(tmp_pat
     print(detection["anomaly_index"])
 
 
-def fashion_mnist(tmp_path: Path, *overrides: str) -> dict:
-    cfg = compose_config("dataset=fashion_mnist", "logger=none", *overrides)
-    return run(cfg, tmp_path)
-
-
 @pytest.mark.xfail(
     strict=True,
     reason="measured 2026-12-02 on the cached FMNIST BadNets 10 % model: target 0's mean heatmap "
@@ -157,7 +151,7 @@ def fashion_mnist(tmp_path: Path, *overrides: str) -> dict:
 @pytest.mark.slow
 @needs_fashion_mnist
 def test_neuron_inspect_flags_the_fmnist_badnets_target(tmp_path):
-    results = fashion_mnist(tmp_path, "attack=badnets", "defense=neuron_inspect")
+    results = run_fashion_mnist(tmp_path, "attack=badnets", "defense=neuron_inspect")
     detection = results["metrics"]["detection"]
     print(detection["anomaly_index"], detection["feature_anomaly_index"])
     assert detection["model_flagged"] and 0 in detection["flagged_labels"]
@@ -166,7 +160,7 @@ def test_neuron_inspect_flags_the_fmnist_badnets_target(tmp_path):
 @pytest.mark.slow
 @needs_fashion_mnist
 def test_neuron_inspect_flags_nothing_on_a_clean_fmnist_model(tmp_path):
-    results = fashion_mnist(tmp_path, "attack=none", "defense=neuron_inspect")
+    results = run_fashion_mnist(tmp_path, "attack=none", "defense=neuron_inspect")
     detection = results["metrics"]["detection"]
     print(detection["anomaly_index"])
     assert not detection["model_flagged"] and detection["flagged_labels"] == []

@@ -9,7 +9,7 @@ from bdrun.defenses.spectral import SpectralSignatures, outlier_scores, top_per_
 from bdrun.errors import BdrunError
 from bdrun.runner import run
 
-from conftest import compose_config, needs_fashion_mnist
+from conftest import compose_config, needs_fashion_mnist, repair_figures, run_fashion_mnist
 
 
 def synthetic(poison_share: float, n: int = 400, dim: int = 16):
@@ -101,13 +101,8 @@ def test_spectral_on_digits_removes_poisons_and_retrains(tmp_path):
 @pytest.mark.slow
 @needs_fashion_mnist
 def test_spectral_fashion_mnist_badnets(tmp_path):
-    results = run(
-        compose_config(
-            "dataset=fashion_mnist", "attack=badnets", "defense=spectral", "logger=none"
-        ),
-        tmp_path,
-    )
-    d, before, after = (results["metrics"][k] for k in ("detection", "before", "after"))
+    results = run_fashion_mnist(tmp_path, "attack=badnets", "defense=spectral")
+    d, before, after = repair_figures(results)
     print(f"spectral FMNIST BadNets: {d}; before {before}; after {after}")
     assert d["recall"] >= 0.9
     assert after["asr"] <= 0.05

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bdrun.attacks.base import Attack
-from bdrun.attacks.triggers import place
+from bdrun.attacks.triggers import place, stamp
 from bdrun.data.base import DataInfo, ImageSet
 from bdrun.defenses.activations import get_module
 from bdrun.errors import BdrunError
@@ -54,12 +54,6 @@ def square_mask(
     mask = torch.zeros(1, height, width)
     mask[:, top : top + size, left : left + size] = 1
     return mask
-
-
-def stamp_pattern(x: Tensor, pattern: Tensor, mask: Tensor) -> Tensor:
-    """x [N, C, H, W] with the pixels under mask [1, H, W] replaced by pattern [C, H, W]."""
-    mask = mask.to(x)
-    return x * (1 - mask) + mask * pattern.to(x)
 
 
 def neuron_activations(model: nn.Module, layer: str | None, x: Tensor) -> Tensor:
@@ -118,7 +112,7 @@ def optimise_trigger(
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     for _ in range(steps):
         pattern = (raw.tanh() + 1) / 2
-        chosen = neuron_activations(model, layer, stamp_pattern(background, pattern, mask))
+        chosen = neuron_activations(model, layer, stamp(background, pattern, mask, 0, 0))
         chosen = chosen[:, neuron_indices.to(device)]
         loss = F.mse_loss(chosen, torch.full_like(chosen, target_value), reduction="sum")
         (grad,) = torch.autograd.grad(loss, raw)
@@ -282,7 +276,7 @@ class TrojanNN(Attack):
                 self.lr,
             )
             with torch.no_grad():
-                stamped = stamp_pattern(self.optimised_on, self._pattern, self.trigger_mask)
+                stamped = stamp(self.optimised_on, self._pattern, self.trigger_mask, 0, 0)
                 values = neuron_activations(surrogate, self.layer, stamped.to(ctx.device))
         self.optimise_s = time.perf_counter() - started
         self.neuron_values = values[0, self.neuron_indices.to(values.device)].cpu().tolist()
@@ -304,7 +298,7 @@ class TrojanNN(Attack):
         return self._pattern
 
     def apply_trigger(self, x: Tensor) -> Tensor:
-        return stamp_pattern(x, self.pattern, self.trigger_mask)
+        return stamp(x, self.pattern, self.trigger_mask, 0, 0)  # full-image pattern and mask
 
     def trigger_region(self) -> Tensor:
         return self.trigger_mask.bool()

@@ -387,14 +387,16 @@ class AntiBackdoorLearning(Defense):
             scheduler="none",
             eval_batch_size=ctx.settings.eval_batch_size,
         )
-        forget = train_set.subset(isolated)
+        # the isolated samples come first, the clean anchor images (if any) after them
+        unlearning_set = train_set.subset(isolated)
+        isolated_count = len(unlearning_set)
         unlearn: TrainingHook = UNLEARNING_LOSSES[self.unlearning_loss]()
         if self.unlearning_anchor == "holdout":
-            unlearn = AnchoredUnlearning(unlearn, forget=len(forget))
-            forget = ImageSet.concat([forget, data.holdout])
-        stop = UnlearningStop(self.unlearning_stop, isolated=int(isolated.sum()))
+            unlearn = AnchoredUnlearning(unlearn, forget=isolated_count)
+            unlearning_set = ImageSet.concat([unlearning_set, data.holdout])
+        stop = UnlearningStop(self.unlearning_stop, isolated=isolated_count)
         model, status = ctx.train_cached(
-            forget,
+            unlearning_set,
             hooks=[unlearn, stop],
             settings=unlearning,
             model=model,

@@ -71,6 +71,7 @@ class ActivationClustering(Defense):
 
     name = "activation_clustering"
     analyses: tuple[str, ...] = ANALYSES
+    seed_stream = "activation-clustering"
 
     def __init__(
         self,
@@ -151,8 +152,6 @@ class ActivationClustering(Defense):
         sample = min(self.silhouette_sample, len(reduced))
         score = silhouette_score(reduced, assigned, sample_size=sample, random_state=seed)
         return [smaller] if score > self.silhouette_threshold else []
-
-    seed_stream = "activation-clustering"
 
     def representation(self, model: nn.Module, images: ImageSet, ctx: RunContext) -> np.ndarray:
         """[N, D] what gets clustered: the last hidden layer's activations."""

@@ -18,7 +18,7 @@ the flagged cluster and the runner retrains on the rest, as for the other data i
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -83,32 +83,12 @@ class GradientClustering(ActivationClustering):
 
     def __init__(
         self,
-        reduce: str = "pca",
-        dims: int = 10,
-        clusters: int = 2,
-        analysis: str = "holdout",
         features: str = "log",
         concentration_area: float = 0.05,
         concentration_ratio: float = 1.5,
-        size_threshold: float = 0.35,
-        silhouette_threshold: float = 0.1,
-        holdout_ratio: float = 0.5,
-        holdout_alpha: float = 0.01,
-        min_holdout_per_class: int = 10,
-        silhouette_sample: int = 5000,
+        **clustering: Any,
     ) -> None:
-        super().__init__(
-            reduce=reduce,
-            dims=dims,
-            clusters=clusters,
-            analysis=analysis,
-            size_threshold=size_threshold,
-            silhouette_threshold=silhouette_threshold,
-            holdout_ratio=holdout_ratio,
-            holdout_alpha=holdout_alpha,
-            min_holdout_per_class=min_holdout_per_class,
-            silhouette_sample=silhouette_sample,
-        )
+        super().__init__(**clustering)
         area = fraction(concentration_area, "defense.concentration_area")
         if not area or area >= 1:
             raise BdrunError(
