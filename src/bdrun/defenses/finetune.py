@@ -27,6 +27,18 @@ def check_schedule(lr: Any, epochs: Any, prefix: str = "defense") -> tuple[float
     return lr, epochs
 
 
+def check_sgd(batch_size: Any, momentum: Any, weight_decay: Any) -> tuple[int, float, float]:
+    """(batch_size, momentum, weight_decay) of a defense's own SGD as numbers, or a BdrunError."""
+    batch_size = coerce(batch_size, "int", "defense.batch_size")
+    momentum = coerce(momentum, "float", "defense.momentum")
+    weight_decay = coerce(weight_decay, "float", "defense.weight_decay")
+    if batch_size < 1 or momentum < 0 or weight_decay < 0:
+        raise BdrunError(
+            "defense.batch_size must be >= 1, defense.momentum and defense.weight_decay >= 0"
+        )
+    return batch_size, momentum, weight_decay
+
+
 def finetune(
     model: nn.Module,
     data: ImageSet,

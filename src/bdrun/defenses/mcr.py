@@ -30,7 +30,7 @@ from torch.func import functional_call
 
 from bdrun.data.base import to_float
 from bdrun.defenses.base import Defense, require_holdout
-from bdrun.defenses.finetune import check_schedule, finetune
+from bdrun.defenses.finetune import check_schedule, check_sgd, finetune
 from bdrun.defenses.prune import fraction
 from bdrun.defenses.pruning import copy_model, make_permanent
 from bdrun.errors import BdrunError
@@ -256,13 +256,9 @@ class ModeConnectivityRepair(Defense):
         self.finetune_lr, self.finetune_epochs = check_schedule(
             finetune_lr, finetune_epochs, prefix="defense.finetune"
         )
-        self.momentum = coerce(momentum, "float", "defense.momentum")
-        self.batch_size = coerce(batch_size, "int", "defense.batch_size")
-        self.weight_decay = coerce(weight_decay, "float", "defense.weight_decay")
-        if self.batch_size < 1 or self.momentum < 0 or self.weight_decay < 0:
-            raise BdrunError(
-                "defense.batch_size must be >= 1, defense.momentum and defense.weight_decay >= 0"
-            )
+        self.batch_size, self.momentum, self.weight_decay = check_sgd(
+            batch_size, momentum, weight_decay
+        )
         self.path: list[dict[str, Any]] = []
 
     def second_end(self, model: nn.Module, data: RunData, ctx: RunContext) -> nn.Module:

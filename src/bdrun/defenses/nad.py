@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from bdrun.defenses.activations import get_module
 from bdrun.defenses.base import Defense, require_holdout
-from bdrun.defenses.finetune import check_schedule
+from bdrun.defenses.finetune import check_schedule, check_sgd
 from bdrun.defenses.pruning import copy_model
 from bdrun.errors import BdrunError
 from bdrun.training import TrainingHook, TrainSettings, coerce
@@ -232,13 +232,9 @@ class NeuralAttentionDistillation(Defense):
         self.p = coerce(p, "float", "defense.p")
         if self.p <= 0:
             raise BdrunError(f"defense.p={p} must be > 0, e.g. 2.0")
-        self.batch_size = coerce(batch_size, "int", "defense.batch_size")
-        self.momentum = coerce(momentum, "float", "defense.momentum")
-        self.weight_decay = coerce(weight_decay, "float", "defense.weight_decay")
-        if self.batch_size < 1 or self.momentum < 0 or self.weight_decay < 0:
-            raise BdrunError(
-                "defense.batch_size must be >= 1, defense.momentum and defense.weight_decay >= 0"
-            )
+        self.batch_size, self.momentum, self.weight_decay = check_sgd(
+            batch_size, momentum, weight_decay
+        )
         self.crop_padding = coerce(crop_padding, "int", "defense.crop_padding")
         self.cutout = coerce(cutout, "int", "defense.cutout")
         if self.crop_padding < 0 or self.cutout < 0:
