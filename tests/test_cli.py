@@ -21,7 +21,9 @@ def run_folders(cwd: Path) -> list[Path]:
 
 
 def test_default_run_prints_the_table_and_writes_results(tmp_path):
-    proc = run_bdrun(cwd=tmp_path)
+    # its own cache: the model is a miss whichever test trained the default model before
+    own_cache = {"BDRUN_CACHE": str(tmp_path / "cache")}
+    proc = run_bdrun(cwd=tmp_path, env=own_cache)
     assert proc.returncode == 0, proc.stderr
     for text in (
         "CCA (clean acc.)",
@@ -62,11 +64,11 @@ def test_default_run_prints_the_table_and_writes_results(tmp_path):
     assert results["version"].startswith("0.")
 
     # the same upstream config reuses the trained model; cache=false and refresh retrain
-    hit = run_bdrun("logger=none", cwd=tmp_path)
+    hit = run_bdrun("logger=none", cwd=tmp_path, env=own_cache)
     assert hit.returncode == 0, hit.stderr
     statuses = {}
     for args in (("cache=false",), ("cache.refresh=true",)):
-        proc = run_bdrun(*args, "logger=none", cwd=tmp_path)
+        proc = run_bdrun(*args, "logger=none", cwd=tmp_path, env=own_cache)
         assert proc.returncode == 0, proc.stderr
     for folder in run_folders(tmp_path):
         r = json.loads((folder / "results.json").read_text())
