@@ -9,10 +9,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.bdrun-installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-slow test-all lint format bench clean
+.PHONY: help install run test test-slow test-slow-ci test-all lint format bench clean
 
 help: ## List the targets
-	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-13s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,9 @@ test: $(STAMP) ## Set up, then run the fast test suite (a few minutes on 2 CPU c
 
 test-slow: $(STAMP) ## Real-data fidelity runs, sweeps, DDP, Slurm (marked slow)
 	$(BIN)/python -m pytest -m slow -q $(PYTEST_ARGS)
+
+test-slow-ci: $(STAMP) ## The slow tests that need no downloaded data: smoke grid, sweeps, DDP, CSAW, showcase
+	$(BIN)/python -m pytest -m "slow and not fashion_mnist" -q $(PYTEST_ARGS)
 
 test-all: $(STAMP) ## Every test
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -21,10 +21,15 @@ from bdrun.state import RunData
 
 REPO = Path(__file__).resolve().parents[1]
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-# the real-data (slow) tests need Debian's dataset-fashion-mnist
-needs_fashion_mnist = pytest.mark.skipif(
-    not FASHION_MNIST.is_dir(), reason="apt-get install dataset-fashion-mnist"
-)
+
+# A real-data test: marked `fashion_mnist` (CI's slow pass, `make test-slow-ci`, leaves these
+# out) and skipped where Debian's dataset-fashion-mnist is missing.
+needs_fashion_mnist = pytest.mark.fashion_mnist
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("fashion_mnist") and not FASHION_MNIST.is_dir():
+        pytest.skip("apt-get install dataset-fashion-mnist")
 
 
 @pytest.fixture(scope="session", autouse=True)
