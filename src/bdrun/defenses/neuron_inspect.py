@@ -8,8 +8,10 @@ trojanvision/defenses/backdoor/model_inspection/neuron_inspect.py).
 For every output label t and clean holdout image x (images of class t left out: the question is
 what pushes *other* inputs to t) the heatmap is the saliency map of the label's logit,
 |d logit_t / dx| taken as the maximum over colour channels (Simonyan et al.'s saliency, the
-explanation NeuronInspect and TrojanZoo use). A backdoor target's heatmaps point at the trigger on
-every image: they are
+explanation NeuronInspect and TrojanZoo use; `explanation=smoothgrad` averages it over noisy
+copies of x instead, Smilkov et al. 2017, who suggest noise of 10-20 % of the input range and 50
+samples; 0.1 and 16 here). A backdoor target's heatmaps point at the trigger on every image: they
+are
 
 - sparse: small L1 norm ||E||_1 (each heatmap is first scaled to a maximum of 1, `normalize`, so
   that the norm measures spread, not gradient size: the paper's features compare labels whose
@@ -28,6 +30,12 @@ alone in charge; scaled features take weights 1, 1, 1. A label is flagged when t
 index of its combined feature on the small side exceeds `anomaly_threshold` (2, as Neural
 Cleanse, whose outlier test the paper adopts); the model is flagged when any label is. The
 defense inspects only: `repair` returns the model unchanged.
+
+Measured on Fashion-MNIST BadNets 10 % (scripts/experiments/neuron_inspect_seeds.py, seeds 0 / 1
+/ 2): the target's index is 1.40 / 2.65 / 0.60 with saliency, the clean models' largest 1.68 /
+1.37 / 1.51. SmoothGrad lifts the target to 5.87 / 2.10 / 2.31 but trousers too: 2.53 / 2.06 /
+2.20 on the poisoned models, 2.62 / 2.21 / 1.68 on the clean ones. Trouser heatmaps are as
+sparse and persistent as a trigger's.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from bdrun.data.base import to_float
 from bdrun.defenses.activations import input_gradients
 from bdrun.defenses.base import Defense, require_holdout
 from bdrun.defenses.neural_cleanse import CONSISTENCY, flagged_labels, mad_anomaly_index
@@ -62,10 +71,22 @@ def saliency_maps(
     labels: Tensor,
     batch_size: int = 1024,
     device: str | torch.device = "cpu",
+    noise: float = 0.0,
+    samples: int = 1,
+    generator: torch.Generator | None = None,
 ) -> Tensor:
-    """|d logit_labels[i] / d x[i]|, maximum over channels: [N, H, W] on the CPU."""
-    grads = input_gradients(model, x, labels, selected_logits, batch_size, device)
-    return grads.abs().amax(1).float() if len(grads) else grads
+    """|d logit_labels[i] / d x[i]|, maximum over channels: [N, H, W] on the CPU. With `noise`
+    > 0, SmoothGrad: the mean of `samples` such maps, each of x plus Gaussian noise of that
+    standard deviation (images in [0, 1])."""
+    if noise == 0:
+        grads = input_gradients(model, x, labels, selected_logits, batch_size, device)
+        return grads.abs().amax(1).float() if len(grads) else grads
+    clean = to_float(x)
+    total = torch.zeros(len(x), *x.shape[2:])
+    for _ in range(samples):
+        noisy = clean + noise * torch.randn(clean.shape, generator=generator)
+        total += saliency_maps(model, noisy, labels, batch_size, device)
+    return total / samples
 
 
 def scale_to_max(heatmaps: Tensor) -> Tensor:
@@ -125,6 +146,9 @@ class NeuronInspect(Defense):
     Parameters:
         max_samples: holdout images used for the heatmaps (chosen with the run's generator;
             null: all), of which each label uses those of the other classes.
+        explanation: `saliency` (the paper's) or `smoothgrad` (noisy copies averaged).
+        smoothgrad_noise, smoothgrad_samples: SmoothGrad's noise standard deviation (images in
+            [0, 1]) and number of noisy copies.
         normalize: scale each heatmap to a maximum of 1 before the features.
         features_on: sparseness and smoothness of the label's mean heatmap (`mean`) or the mean
             of the per-image values (`images`).
@@ -138,6 +162,9 @@ class NeuronInspect(Defense):
     def __init__(
         self,
         max_samples: int | None = 500,
+        explanation: str = "saliency",
+        smoothgrad_noise: float = 0.1,
+        smoothgrad_samples: int = 16,
         normalize: bool = True,
         features_on: str = "mean",
         top_k: float = 0.05,
@@ -154,6 +181,15 @@ class NeuronInspect(Defense):
         )
         if self.max_samples is not None and self.max_samples < 2:
             raise BdrunError(f"defense.max_samples={max_samples} must be >= 2 (or null for all)")
+        if explanation not in ("saliency", "smoothgrad"):
+            raise BdrunError(f"defense.explanation={explanation!r} must be saliency or smoothgrad")
+        self.explanation = explanation
+        self.smoothgrad_noise = coerce(smoothgrad_noise, "float", "defense.smoothgrad_noise")
+        if not self.smoothgrad_noise > 0:
+            raise BdrunError(f"defense.smoothgrad_noise={smoothgrad_noise} must be > 0, e.g. 0.1")
+        self.smoothgrad_samples = coerce(smoothgrad_samples, "int", "defense.smoothgrad_samples")
+        if self.smoothgrad_samples < 1:
+            raise BdrunError(f"defense.smoothgrad_samples={smoothgrad_samples} must be >= 1")
         self.normalize = bool(normalize)
         if features_on not in ("mean", "images"):
             raise BdrunError(f"defense.features_on={features_on!r} must be mean or images")
@@ -188,12 +224,23 @@ class NeuronInspect(Defense):
         sparse, smooth, persist = (torch.zeros(classes, dtype=torch.float64) for _ in range(3))
         mean_maps = torch.zeros(classes, *x.shape[2:])
         batch = ctx.settings.eval_batch_size
+        smooth_grad = self.explanation == "smoothgrad"
+        noise = self.smoothgrad_noise if smooth_grad else 0.0
+        samples = self.smoothgrad_samples if smooth_grad else 1
         for label in range(classes):
             others = y != label
             if not bool(others.any()):  # a holdout of one class: use it all
                 others = torch.ones_like(others)
+            targets = torch.full((int(others.sum()),), label)
             maps = saliency_maps(
-                model, x[others], torch.full((int(others.sum()),), label), batch, ctx.device
+                model,
+                x[others],
+                targets,
+                batch,
+                ctx.device,
+                noise,
+                samples,
+                ctx.generator(f"neuron-inspect-noise-{label}"),
             )
             if self.normalize:
                 maps = scale_to_max(maps)
@@ -229,6 +276,7 @@ class NeuronInspect(Defense):
             "combined_mad": mad,
             "feature_anomaly_index": per_feature,
             "heatmap_images": len(x),
+            "explanation": self.explanation,
             "inspect_s": time.perf_counter() - started,
         }
         plot = plot_label_heatmaps(
