@@ -12,9 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bdrun.runner import run
-
-from conftest import compose_config, needs_fashion_mnist
+from conftest import needs_fashion_mnist, run_fashion_mnist
 
 pytestmark = [
     pytest.mark.slow,
@@ -23,8 +21,7 @@ pytestmark = [
 
 
 def fashion_mnist_run(tmp_path: Path, attack: str, *overrides: str) -> dict:
-    cfg = compose_config("dataset=fashion_mnist", f"attack={attack}", "logger=none", *overrides)
-    results = run(cfg, tmp_path / attack)
+    results = run_fashion_mnist(tmp_path / attack, f"attack={attack}", *overrides)
     before = results["metrics"]["before"]
     figures = " ".join(f"{k} {v:.4f}" for k, v in before.items() if isinstance(v, float))
     print(f"{attack}: {figures} train_s {results['timing']['train_s']:.1f}")

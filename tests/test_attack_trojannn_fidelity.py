@@ -12,9 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bdrun.runner import run
-
-from conftest import compose_config, needs_fashion_mnist
+from conftest import needs_fashion_mnist, run_fashion_mnist
 
 pytestmark = [
     pytest.mark.slow,
@@ -23,9 +21,7 @@ pytestmark = [
 
 
 def fashion_mnist_before(tmp_path: Path, *overrides: str) -> dict[str, float]:
-    cfg = compose_config("dataset=fashion_mnist", "logger=none", *overrides)
-    results = run(cfg, tmp_path)
-    before = results["metrics"]["before"]
+    before = run_fashion_mnist(tmp_path, *overrides)["metrics"]["before"]
     print(overrides, " ".join(f"{k} {v:.4f}" for k, v in before.items()))
     return before
 

@@ -72,8 +72,7 @@ def test_control_point_starts_at_the_midpoint_or_at_the_given_model():
 
 def test_point_decay_is_the_gradient_of_half_decay_times_the_squared_norm_of_w_t():
     start, end = two_models()
-    curve = BezierCurve(start, end).train()
-    curve.point_decay = 0.1
+    curve = BezierCurve(start, end, point_decay=0.1).train()
     x = torch.rand(2, 1, 4, 4)
     torch.manual_seed(3)
     t = torch.rand(())  # the t the training forward pass draws next

@@ -9,7 +9,7 @@ import pytest
 
 from bdrun.runner import run
 
-from conftest import compose_config, needs_fashion_mnist
+from conftest import compose_config, needs_fashion_mnist, run_fashion_mnist
 
 pytestmark = [
     pytest.mark.slow,
@@ -18,9 +18,7 @@ pytestmark = [
 
 
 def test_badnets_fashion_mnist_keeps_clean_accuracy_and_reaches_high_asr(tmp_path):
-    clean = run(
-        compose_config("dataset=fashion_mnist", "attack=none", "logger=none"), tmp_path / "clean"
-    )
+    clean = run_fashion_mnist(tmp_path / "clean", "attack=none")
     attacked = run(
         compose_config("experiment=badnets_fashion_mnist", "logger=none"), tmp_path / "badnets"
     )

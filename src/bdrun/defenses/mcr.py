@@ -68,9 +68,15 @@ class BezierCurve(nn.Module):
     bdrun's training seeds per (seed, stream) and checkpoints, as it does for dropout; in eval
     mode it runs at `self.t`."""
 
-    def __init__(self, start: nn.Module, end: nn.Module, control: nn.Module | None = None) -> None:
+    def __init__(
+        self,
+        start: nn.Module,
+        end: nn.Module,
+        control: nn.Module | None = None,
+        point_decay: float = 0.0,
+    ) -> None:
         """The control point starts at `control`'s weights, or without one at the midpoint
-        (start + end) / 2."""
+        (start + end) / 2; `point_decay` is the wd of the regulariser on w(t) (decay_hook)."""
         super().__init__()
         self.base = copy_model(start).requires_grad_(False)
         self.names = [name for name, _ in start.named_parameters()]
@@ -86,7 +92,7 @@ class BezierCurve(nn.Module):
             )
             self.control[_key(name)] = nn.Parameter(initial.clone())
         self.t = 0.0
-        self.point_decay = 0.0
+        self.point_decay = point_decay
 
     def decay_hook(self, point: Tensor):
         """Adds point_decay * w(t) to w(t)'s gradient: the gradient of their regulariser
@@ -288,8 +294,9 @@ class ModeConnectivityRepair(Defense):
         holdout = data.holdout
         end = self.second_end(model, data, ctx)
         control = fresh_model(ctx, "mcr-control-init") if self.init == "random" else None
-        curve = BezierCurve(make_permanent(copy_model(model)), make_permanent(end), control)
-        curve.point_decay = self.weight_decay
+        curve = BezierCurve(
+            make_permanent(copy_model(model)), make_permanent(end), control, self.weight_decay
+        )
         if self.epochs == 0:
             return curve.eval()
         settings = dataclasses.replace(

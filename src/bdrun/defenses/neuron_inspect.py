@@ -61,6 +61,9 @@ if TYPE_CHECKING:
     from bdrun.state import RunData
 
 
+EXPLANATIONS = ("saliency", "smoothgrad")
+
+
 def selected_logits(logits: Tensor, labels: Tensor) -> Tensor:
     return logits.gather(1, labels[:, None]).sum()
 
@@ -181,7 +184,7 @@ class NeuronInspect(Defense):
         )
         if self.max_samples is not None and self.max_samples < 2:
             raise BdrunError(f"defense.max_samples={max_samples} must be >= 2 (or null for all)")
-        if explanation not in ("saliency", "smoothgrad"):
+        if explanation not in EXPLANATIONS:
             raise BdrunError(f"defense.explanation={explanation!r} must be saliency or smoothgrad")
         self.explanation = explanation
         self.smoothgrad_noise = coerce(smoothgrad_noise, "float", "defense.smoothgrad_noise")
@@ -224,23 +227,15 @@ class NeuronInspect(Defense):
         sparse, smooth, persist = (torch.zeros(classes, dtype=torch.float64) for _ in range(3))
         mean_maps = torch.zeros(classes, *x.shape[2:])
         batch = ctx.settings.eval_batch_size
-        smooth_grad = self.explanation == "smoothgrad"
-        noise = self.smoothgrad_noise if smooth_grad else 0.0
-        samples = self.smoothgrad_samples if smooth_grad else 1
+        noise = self.smoothgrad_noise if self.explanation == "smoothgrad" else 0.0  # 0: plain
         for label in range(classes):
             others = y != label
             if not bool(others.any()):  # a holdout of one class: use it all
                 others = torch.ones_like(others)
             targets = torch.full((int(others.sum()),), label)
+            noisy = ctx.generator(f"neuron-inspect-noise-{label}")
             maps = saliency_maps(
-                model,
-                x[others],
-                targets,
-                batch,
-                ctx.device,
-                noise,
-                samples,
-                ctx.generator(f"neuron-inspect-noise-{label}"),
+                model, x[others], targets, batch, ctx.device, noise, self.smoothgrad_samples, noisy
             )
             if self.normalize:
                 maps = scale_to_max(maps)
