@@ -11,7 +11,7 @@ from torch import nn
 from bdrun.attacks.pruning_aware import channel_stats
 from bdrun.cache import ModelCache
 from bdrun.data.base import to_float
-from bdrun.defenses.activations import get_module
+from bdrun.models.probes import get_module
 from bdrun.runner import prepare
 
 from conftest import compose_config, poison_only

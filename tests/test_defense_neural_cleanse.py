@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from bdrun.defenses.neural_cleanse import NeuralCleanse, flagged_labels, mad_anomaly_index
+from bdrun.defenses.anomaly import flagged_labels, mad_anomaly_index
+from bdrun.defenses.neural_cleanse import NeuralCleanse
 from bdrun.defenses.trigger_reversal import ReversalSettings, _Schedule, reverse_triggers
 from bdrun.errors import BdrunError
 

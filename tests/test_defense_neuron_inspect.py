@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from bdrun.defenses.neural_cleanse import flagged_labels, mad_anomaly_index
+from bdrun.defenses.anomaly import flagged_labels, mad_anomaly_index
 from bdrun.defenses.neuron_inspect import (
     NeuronInspect,
     combined_feature,

@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from bdrun.defenses.detection import auroc
 from bdrun.defenses.nic import HISTOGRAM_FILE, Nic, NicDetector, default_layers, pooled_outputs
 from bdrun.errors import BdrunError
+from bdrun.metrics import auroc
 from bdrun.models.small_cnn import SmallCNN
 from bdrun.runner import run
 

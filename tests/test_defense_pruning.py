@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from bdrun.config import build
-from bdrun.defenses.activations import layer_outputs
 from bdrun.defenses.prune import curve_counts, stop_count
 from bdrun.defenses.pruning import (
     channel_activity,
@@ -23,6 +22,7 @@ from bdrun.defenses.pruning import (
     split_after,
 )
 from bdrun.errors import BdrunError
+from bdrun.models.probes import layer_outputs
 from bdrun.models.small_cnn import SmallCNN
 
 from conftest import compose_config, conf_options

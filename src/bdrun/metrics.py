@@ -1,10 +1,19 @@
-"""CCA, ASR and RA, and batched prediction over in-memory tensors.
+"""Every figure a run reports: CCA, ASR and RA of a model, the detection quality of input
+detectors and data inspectors, and batched prediction over in-memory tensors.
 
 - CCA: accuracy on the clean test set.
 - ASR: share of backdoor test inputs (true label != backdoor label, trigger applied) that the
   model classifies as their backdoor label.
 - RA: share of those same inputs classified as their true label.
-All three are fractions in [0, 1].
+- Input detectors (STRIP, ...): scores are higher for inputs more likely to carry a trigger and
+  an input is rejected when its score exceeds the threshold. FRR = share of clean test inputs
+  rejected; FAR = share of backdoor test inputs accepted; AUROC of clean (negative) against
+  backdoor (positive) scores; TPR at 1 % / 5 % FPR = the largest share of backdoor inputs caught
+  while at most 1 % / 5 % of clean inputs are rejected.
+- Data inspectors (spectral, activation clustering, ABL isolation): precision = share of removed
+  training samples that were poisoned, recall = share of poisoned samples removed, removed = the
+  count removed.
+All rates are fractions in [0, 1]; a rate over an empty set is NaN.
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ import itertools
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -86,3 +96,87 @@ def attack_metrics(
         "asr": accuracy(bd_preds, backdoor_test.y),
         "ra": accuracy(bd_preds, backdoor_test.orig_y),
     }
+
+
+def _share(count: int, total: int) -> float:
+    return count / total if total else math.nan
+
+
+def _ranked(clean_scores: Tensor, trojan_scores: Tensor) -> tuple[Tensor, Tensor]:
+    """Scores as dense ranks scaled into [0, 1] (torchmetrics would squash anything outside
+    [0, 1] through a sigmoid, merging large scores), with labels 0 = clean, 1 = trojaned."""
+    scores = torch.cat([clean_scores, trojan_scores]).double()
+    distinct, rank = scores.unique(return_inverse=True)
+    scaled = rank.double() / max(len(distinct) - 1, 1)
+    labels = torch.cat([torch.zeros(len(clean_scores)), torch.ones(len(trojan_scores))]).long()
+    return scaled, labels
+
+
+def tpr_at_fpr(clean_scores: Tensor, trojan_scores: Tensor, max_fpr: float) -> float:
+    """The largest true-positive rate whose false-positive rate is at most `max_fpr`."""
+    if len(clean_scores) == 0 or len(trojan_scores) == 0:
+        return math.nan
+    from torchmetrics.functional.classification import binary_roc  # 0.4 s: only where scored
+
+    scores, labels = _ranked(clean_scores, trojan_scores)
+    fpr, tpr, _ = binary_roc(scores, labels)
+    # float32 ROC points: 20/2000 must count as "at most 1 %"
+    allowed = fpr <= max_fpr + 1e-6
+    return round(float(tpr[allowed].max()), 6)
+
+
+def auroc(clean_scores: Tensor, trojan_scores: Tensor) -> float:
+    """Area under the ROC curve of trojaned (positive) against clean (negative) scores."""
+    if len(clean_scores) == 0 or len(trojan_scores) == 0:
+        return math.nan
+    from torchmetrics.functional.classification import binary_auroc
+
+    scores, labels = _ranked(clean_scores, trojan_scores)
+    return round(float(binary_auroc(scores, labels)), 6)
+
+
+def input_detection_metrics(
+    clean_scores: Tensor, trojan_scores: Tensor, threshold: float
+) -> dict[str, Any]:
+    """{auroc, frr, far, tpr_at_fpr_1, tpr_at_fpr_5, threshold} of an input detector."""
+    rejected_clean = int((clean_scores > threshold).sum())
+    accepted_trojan = int((trojan_scores <= threshold).sum())
+    return {
+        "auroc": auroc(clean_scores, trojan_scores),
+        "frr": _share(rejected_clean, len(clean_scores)),
+        "far": _share(accepted_trojan, len(trojan_scores)),
+        "tpr_at_fpr_1": tpr_at_fpr(clean_scores, trojan_scores, 0.01),
+        "tpr_at_fpr_5": tpr_at_fpr(clean_scores, trojan_scores, 0.05),
+        "threshold": float(threshold),
+    }
+
+
+def removal_metrics(removed: Tensor, poison: Tensor) -> dict[str, Any]:
+    """{precision, recall, removed} of a bool removal mask against the ground-truth poison mask."""
+    removed, poison = removed.bool(), poison.bool()
+    caught = int((removed & poison).sum())
+    return {
+        "precision": _share(caught, int(removed.sum())),
+        "recall": _share(caught, int(poison.sum())),
+        "removed": int(removed.sum()),
+    }
+
+
+def per_class_rows(
+    labels: Tensor, removed: Tensor, poison: Tensor
+) -> tuple[list[str], list[list[int]]]:
+    """(columns, rows) of a per-label removal table: samples, removed, poisoned, poisoned removed."""
+    columns = ["label", "samples", "removed", "poisoned", "poisoned_removed"]
+    rows = []
+    for label in labels.unique().tolist():
+        in_class = labels == label
+        rows.append(
+            [
+                int(label),
+                int(in_class.sum()),
+                int((removed & in_class).sum()),
+                int((poison & in_class).sum()),
+                int((removed & poison & in_class).sum()),
+            ]
+        )
+    return columns, rows

@@ -21,27 +21,13 @@ from torch import Tensor, nn
 from bdrun.data.base import ImageSet
 from bdrun.errors import BdrunError
 from bdrun.progress import enabled as progress_enabled
+from bdrun.validate import coerce
 
 if TYPE_CHECKING:
     from bdrun.lightning_loop import ClassifierModule
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("cosine", "step", "none")
-
-
-def coerce(value: Any, type_name: str, name: str) -> Any:
-    """A config value as the int or float its setting needs, or a BdrunError naming it."""
-    kind = {"int": int, "float": float}.get(type_name)
-    if kind is None or (isinstance(value, kind) and not isinstance(value, bool)):
-        return value
-    what = "an integer" if kind is int else "a number"
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise BdrunError(f"{name}={value!r} must be {what}") from None
-    if isinstance(value, bool) or (kind is int and number != int(number)):
-        raise BdrunError(f"{name}={value!r} must be {what}")
-    return kind(number)
 
 
 def run_seed(value: Any) -> int:

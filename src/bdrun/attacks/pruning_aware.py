@@ -10,8 +10,8 @@ from torch import Tensor, nn
 
 from bdrun.attacks.badnets import BadNets
 from bdrun.data.base import DataInfo, ImageSet
-from bdrun.defenses.activations import channel_stats, get_module
 from bdrun.errors import BdrunError
+from bdrun.models.probes import channel_stats, get_module
 
 if TYPE_CHECKING:
     from bdrun.context import RunContext

@@ -11,9 +11,9 @@ from torch import Tensor, nn
 
 from bdrun.attacks.base import Attack
 from bdrun.data.base import DataInfo, ImageSet, to_float
-from bdrun.defenses.activations import penultimate
 from bdrun.errors import BdrunError
 from bdrun.metrics import accuracy, logits_of, predict
+from bdrun.models.probes import penultimate
 from bdrun.rng import derive_seed
 
 if TYPE_CHECKING:

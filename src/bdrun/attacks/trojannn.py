@@ -18,9 +18,9 @@ from torch import Tensor, nn
 from bdrun.attacks.base import Attack
 from bdrun.attacks.triggers import place, stamp
 from bdrun.data.base import DataInfo, ImageSet
-from bdrun.defenses.activations import get_module
 from bdrun.errors import BdrunError
 from bdrun.metrics import on_device
+from bdrun.models.probes import get_module
 
 if TYPE_CHECKING:
     from bdrun.context import RunContext

@@ -23,9 +23,8 @@ from torch import Tensor, nn
 
 from bdrun.data.base import ImageSet
 from bdrun.defenses.base import Defense
-from bdrun.defenses.detection import removal_metrics
 from bdrun.errors import BdrunError
-from bdrun.metrics import accuracy, logits_of
+from bdrun.metrics import accuracy, logits_of, removal_metrics
 from bdrun.training import TrainingHook, TrainSettings
 
 if TYPE_CHECKING:

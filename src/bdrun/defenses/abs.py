@@ -50,13 +50,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bdrun.data.base import to_float
-from bdrun.defenses.activations import get_module, layer_outputs
 from bdrun.defenses.base import Defense, require_holdout
-from bdrun.defenses.prune import fraction
 from bdrun.errors import BdrunError
 from bdrun.metrics import on_device, predict
+from bdrun.models.probes import get_module, layer_outputs
 from bdrun.report.triggers import plot_reversed_triggers, save_triggers
-from bdrun.training import coerce
+from bdrun.validate import coerce, fraction
 
 if TYPE_CHECKING:
     from bdrun.context import RunContext

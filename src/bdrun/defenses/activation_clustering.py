@@ -18,10 +18,10 @@ import torch
 from torch import Tensor, nn
 
 from bdrun.data.base import ImageSet
-from bdrun.defenses.activations import penultimate
 from bdrun.defenses.base import Defense
-from bdrun.defenses.detection import per_class_rows, removal_metrics
 from bdrun.errors import BdrunError
+from bdrun.metrics import per_class_rows, removal_metrics
+from bdrun.models.probes import penultimate
 from bdrun.rng import derive_seed
 
 if TYPE_CHECKING:

@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from bdrun.defenses.finetune import check_schedule, finetune
-from bdrun.defenses.prune import Prune, fraction
+from bdrun.defenses.finetune import finetune
+from bdrun.defenses.prune import Prune
 from bdrun.defenses.pruning import (
     channel_activity,
     copy_model,
@@ -22,7 +22,7 @@ from bdrun.defenses.pruning import (
 from bdrun.errors import BdrunError
 from bdrun.metrics import accuracy, predict
 from bdrun.report.pruning_curve import write_pruning_curve
-from bdrun.training import coerce
+from bdrun.validate import check_schedule, coerce, fraction
 
 if TYPE_CHECKING:
     from bdrun.context import RunContext

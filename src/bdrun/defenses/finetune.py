@@ -9,34 +9,12 @@ from torch import nn
 
 from bdrun.defenses.base import Defense
 from bdrun.defenses.pruning import copy_model
-from bdrun.errors import BdrunError
-from bdrun.training import coerce
+from bdrun.validate import check_schedule
 
 if TYPE_CHECKING:
     from bdrun.context import RunContext
     from bdrun.data.base import ImageSet
     from bdrun.state import RunData
-
-
-def check_schedule(lr: Any, epochs: Any, prefix: str = "defense") -> tuple[float, int]:
-    """(lr, epochs) as numbers, or a BdrunError naming the bad value."""
-    lr = coerce(lr, "float", f"{prefix}.lr")
-    epochs = coerce(epochs, "int", f"{prefix}.epochs")
-    if lr <= 0 or epochs < 0:
-        raise BdrunError(f"{prefix}.lr={lr} must be > 0 and {prefix}.epochs={epochs} >= 0")
-    return lr, epochs
-
-
-def check_sgd(batch_size: Any, momentum: Any, weight_decay: Any) -> tuple[int, float, float]:
-    """(batch_size, momentum, weight_decay) of a defense's own SGD as numbers, or a BdrunError."""
-    batch_size = coerce(batch_size, "int", "defense.batch_size")
-    momentum = coerce(momentum, "float", "defense.momentum")
-    weight_decay = coerce(weight_decay, "float", "defense.weight_decay")
-    if batch_size < 1 or momentum < 0 or weight_decay < 0:
-        raise BdrunError(
-            "defense.batch_size must be >= 1, defense.momentum and defense.weight_decay >= 0"
-        )
-    return batch_size, momentum, weight_decay
 
 
 def finetune(

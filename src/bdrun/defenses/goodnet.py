@@ -9,9 +9,9 @@ from torch import Tensor, nn
 
 from bdrun.defenses.base import Defense, InputDetector
 from bdrun.defenses.fine_pruning import FinePruning
-from bdrun.defenses.prune import fraction
 from bdrun.errors import BdrunError
 from bdrun.metrics import predict
+from bdrun.validate import fraction
 
 if TYPE_CHECKING:
     from bdrun.context import RunContext

@@ -26,11 +26,11 @@ from torch import nn
 
 from bdrun.data.base import ImageSet
 from bdrun.defenses.activation_clustering import ANALYSES, ActivationClustering, ClassClusters
-from bdrun.defenses.activations import input_gradients
-from bdrun.defenses.prune import fraction
 from bdrun.defenses.pruning import copy_model
 from bdrun.errors import BdrunError
+from bdrun.models.probes import input_gradients
 from bdrun.report.plots import figure, save
+from bdrun.validate import fraction
 
 if TYPE_CHECKING:
     from bdrun.context import RunContext

@@ -30,14 +30,13 @@ from torch.func import functional_call
 
 from bdrun.data.base import to_float
 from bdrun.defenses.base import Defense, require_holdout
-from bdrun.defenses.finetune import check_schedule, check_sgd, finetune
-from bdrun.defenses.prune import fraction
+from bdrun.defenses.finetune import finetune
 from bdrun.defenses.pruning import copy_model, make_permanent
 from bdrun.errors import BdrunError
 from bdrun.metrics import accuracy, on_device, predict
 from bdrun.report.pruning_curve import write_curve
 from bdrun.rng import seeded_global
-from bdrun.training import coerce
+from bdrun.validate import check_schedule, check_sgd, coerce, fraction
 
 if TYPE_CHECKING:
     from bdrun.context import RunContext

@@ -21,12 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bdrun.defenses.activations import get_module
 from bdrun.defenses.base import Defense, require_holdout
-from bdrun.defenses.finetune import check_schedule, check_sgd
 from bdrun.defenses.pruning import copy_model
 from bdrun.errors import BdrunError
-from bdrun.training import TrainingHook, TrainSettings, coerce
+from bdrun.models.probes import get_module
+from bdrun.training import TrainingHook, TrainSettings
+from bdrun.validate import check_schedule, check_sgd, coerce
 
 if TYPE_CHECKING:
     from torch.utils.hooks import RemovableHandle

@@ -10,11 +10,9 @@ from torch import Tensor, nn
 from torch.nn.utils import prune
 
 from bdrun.data.base import ImageSet, to_float, to_storage
-from bdrun.defenses.activations import layer_outputs, penultimate
+from bdrun.defenses.anomaly import CONSISTENCY, flagged_labels, mad_anomaly_index
 from bdrun.defenses.base import Defense, InputDetector
-from bdrun.defenses.detection import input_detection_metrics
-from bdrun.defenses.finetune import check_schedule, finetune
-from bdrun.defenses.prune import fraction
+from bdrun.defenses.finetune import finetune
 from bdrun.defenses.pruning import (
     PruneSite,
     chunks,
@@ -27,40 +25,17 @@ from bdrun.defenses.pruning import (
 )
 from bdrun.defenses.trigger_reversal import ReversalSettings, ReversedTriggers, reverse_triggers
 from bdrun.errors import BdrunError
-from bdrun.metrics import accuracy, on_device
+from bdrun.metrics import accuracy, input_detection_metrics, on_device
+from bdrun.models.probes import layer_outputs, penultimate
 from bdrun.report.pruning_curve import write_pruning_curve
 from bdrun.report.triggers import plot_reversed_triggers, save_triggers
-from bdrun.training import coerce
+from bdrun.validate import check_schedule, coerce, fraction
 
 if TYPE_CHECKING:
     from bdrun.context import RunContext
     from bdrun.state import RunData
 
 MITIGATIONS = ("none", "unlearning", "pruning", "filter")
-CONSISTENCY = 1.4826  # MAD -> standard deviation for normally distributed norms (authors' code)
-
-
-def mad_anomaly_index(l1: Tensor, consistency: float = CONSISTENCY) -> tuple[Tensor, float, float]:
-    """(anomaly index per label, median, MAD) of the reversed triggers' L1 norms.
-
-    The authors' mad_outlier_detection.py: MAD = consistency * median(|l1 - median|), and a
-    label's index is its distance from the median in MADs. Here the index is signed towards the
-    small side, (median - l1) / MAD, since only unusually small triggers reveal a backdoor: a
-    label is flagged when its index exceeds 2 (the paper's threshold). An all-equal set of norms
-    (MAD 0) gets index 0 everywhere.
-    """
-    l1 = l1.double()
-    median = float(torch.quantile(l1, 0.5))  # numpy's median: mean of the middle two
-    mad = consistency * float(torch.quantile((l1 - median).abs(), 0.5))
-    if mad == 0:
-        return torch.zeros_like(l1), median, 0.0
-    return (median - l1) / mad, median, mad
-
-
-def flagged_labels(index: Tensor, labels: Tensor, threshold: float = 2.0) -> list[int]:
-    """Labels whose anomaly index exceeds `threshold`, smallest trigger (largest index) first."""
-    hits = (index > threshold).nonzero().flatten()
-    return [int(labels[i]) for i in hits[torch.argsort(index[hits], descending=True)]]
 
 
 class ActivationFilter(InputDetector):

@@ -47,13 +47,12 @@ import torch
 from torch import Tensor, nn
 
 from bdrun.data.base import to_float
-from bdrun.defenses.activations import input_gradients
+from bdrun.defenses.anomaly import CONSISTENCY, flagged_labels, mad_anomaly_index
 from bdrun.defenses.base import Defense, require_holdout
-from bdrun.defenses.neural_cleanse import CONSISTENCY, flagged_labels, mad_anomaly_index
-from bdrun.defenses.prune import fraction
 from bdrun.errors import BdrunError
+from bdrun.models.probes import input_gradients
 from bdrun.report.triggers import plot_label_heatmaps
-from bdrun.training import coerce
+from bdrun.validate import coerce, fraction
 
 if TYPE_CHECKING:
     from bdrun.context import RunContext

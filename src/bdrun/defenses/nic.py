@@ -37,12 +37,11 @@ import torch
 from torch import Tensor, nn
 
 from bdrun.data.base import to_float
-from bdrun.defenses.activations import get_module
 from bdrun.defenses.base import Defense, InputDetector, require_holdout
-from bdrun.defenses.detection import auroc, input_detection_metrics
 from bdrun.defenses.pruning import reduce_channels
 from bdrun.errors import BdrunError
-from bdrun.metrics import logits_of, on_device
+from bdrun.metrics import auroc, input_detection_metrics, logits_of, on_device
+from bdrun.models.probes import get_module
 from bdrun.report.histograms import clean_vs_trojaned
 
 if TYPE_CHECKING:

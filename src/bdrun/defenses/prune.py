@@ -25,21 +25,11 @@ from bdrun.defenses.pruning import (
 from bdrun.errors import BdrunError
 from bdrun.metrics import accuracy
 from bdrun.report.pruning_curve import write_pruning_curve
-from bdrun.training import coerce
+from bdrun.validate import coerce, fraction
 
 if TYPE_CHECKING:
     from bdrun.context import RunContext
     from bdrun.state import RunData
-
-
-def fraction(value: Any, name: str, allow_none: bool = False) -> float | None:
-    """A config value in [0, 1] as a float (None passes when allowed), else a BdrunError."""
-    if value is None and allow_none:
-        return None
-    number = coerce(value, "float", name)
-    if not 0 <= number <= 1:
-        raise BdrunError(f"{name}={value} must be a fraction in [0, 1]")
-    return number
 
 
 def stop_count(holdout_acc: Tensor, acc_drop: float) -> int:

@@ -20,8 +20,8 @@ from torch import Tensor, nn
 from torch.nn.utils import prune
 
 from bdrun.data.base import to_float
-from bdrun.defenses.activations import channel_stats, get_module, layer_outputs
 from bdrun.errors import BdrunError
+from bdrun.models.probes import channel_stats, get_module, layer_outputs
 
 KEEP_BUFFER = "channel_keep"  # per-channel 0/1 on a pruned block that is not a conv/linear
 

@@ -26,11 +26,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bdrun.data.base import to_float
-from bdrun.defenses.activations import get_module
 from bdrun.defenses.base import Defense, InputDetector, require_holdout
-from bdrun.defenses.detection import input_detection_metrics
 from bdrun.errors import BdrunError
-from bdrun.metrics import logits_of, on_device
+from bdrun.metrics import input_detection_metrics, logits_of, on_device
+from bdrun.models.probes import get_module
 from bdrun.report.scatter import clean_vs_trojaned_scatter
 
 if TYPE_CHECKING:

@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from bdrun.defenses.activations import penultimate
 from bdrun.defenses.base import Defense
-from bdrun.defenses.detection import per_class_rows, removal_metrics
 from bdrun.errors import BdrunError
-from bdrun.training import coerce
+from bdrun.metrics import per_class_rows, removal_metrics
+from bdrun.models.probes import penultimate
+from bdrun.validate import coerce
 
 if TYPE_CHECKING:
     from bdrun.context import RunContext

@@ -17,8 +17,8 @@ from torch import Tensor, nn
 
 from bdrun.data.base import to_float
 from bdrun.defenses.base import Defense, InputDetector, require_holdout
-from bdrun.defenses.detection import input_detection_metrics
 from bdrun.errors import BdrunError
+from bdrun.metrics import input_detection_metrics
 from bdrun.report.histograms import clean_vs_trojaned
 from bdrun.rng import generator
 

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from bdrun.data.base import to_float
 from bdrun.errors import BdrunError
-from bdrun.training import coerce
+from bdrun.validate import coerce
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from bdrun.defenses.detection import (
+from bdrun.metrics import (
     auroc,
     input_detection_metrics,
     per_class_rows,

@@ -1,4 +1,5 @@
-"""Batched access to a model's internal activations (for ranking, clustering, reversing)."""
+"""Probes that read a model: batched access to its internal activations and input gradients,
+for attacks and defenses alike (ranking, clustering, reversing, saliency)."""
 
 from __future__ import annotations
 
