@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+import bdrun.compose
 from bdrun.cli import CONF_DIR
 from bdrun.data.base import ImageSet
 from bdrun.runner import Setup, poison_stage, run, scorer_for, setup
@@ -43,9 +43,8 @@ def isolated_env(tmp_path_factory: pytest.TempPathFactory) -> None:
 
 
 def compose_config(*overrides: str) -> DictConfig:
-    """The composed bdrun config for these overrides (Hydra's compose API, no run folder)."""
-    with initialize_config_dir(version_base=None, config_dir=CONF_DIR):
-        return compose("config", overrides=list(overrides))
+    """The config `bdrun OVERRIDES` runs, tuning applied (no run folder)."""
+    return bdrun.compose.compose_config(overrides)
 
 
 def run_fashion_mnist(run_dir: Path, *overrides: str) -> dict:

@@ -161,6 +161,18 @@ def bad_inputs(tmp_path: Path, server_url: str) -> dict[str, tuple[list[str], st
         "seed text": (["seed=abc"], "seed='abc' must be an integer, e.g. seed=0"),
         "seed float": (["seed=1.5"], "seed=1.5 must be an integer, e.g. seed=0"),
         "seed null": (["seed=null"], "seed=None must be an integer, e.g. seed=0"),
+        "run folder": (
+            ["hydra.run.dir=/proc/nope"],
+            "hydra.run.dir=/proc/nope cannot be created or written",
+        ),
+        "run folder is a file": (
+            [f"hydra.run.dir={tmp_path}/fixtures/train-images-idx3-ubyte.gz"],
+            "is a file, not a folder",
+        ),
+        "sweep folder": (
+            ["-m", "hydra.sweep.dir=/proc/nope", "seed=0,1"],
+            "hydra.sweep.dir=/proc/nope cannot be created or written",
+        ),
     }
 
 
@@ -181,6 +193,9 @@ def bad_inputs(tmp_path: Path, server_url: str) -> dict[str, tuple[list[str], st
         "seed text",
         "seed float",
         "seed null",
+        "run folder",
+        "run folder is a file",
+        "sweep folder",
     ],
 )
 def test_user_errors_end_in_one_line_and_leave_nothing(tmp_path, case):

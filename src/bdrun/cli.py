@@ -1,27 +1,34 @@
-"""The `bdrun` command: Hydra composes the config, runner.run executes it.
+"""The `bdrun` command: Hydra composes the config, bdrun.tuning applies the tuning files, and
+runner.run executes it.
 
 Before Hydra sees the command line, two conveniences are applied:
 - `defense=[a,b]` (stacked defenses) becomes `defense=a +defense@defense_stack.b=b`, because
-  Hydra would otherwise merge both configs into one node;
-- group choices are checked, so a typo ends in one line listing the valid options.
+  Hydra would otherwise merge both configs into one node (bdrun.compose);
+- the config is composed once, so a typo in a group option or a key ends in one line listing
+  the valid options.
+`bdrun --cfg job` prints the config with its tuning applied (what the run executes).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue
 
 import bdrun.conf
+from bdrun.compose import compose_with_hydra, job_config, rewrite_defense_stack
 from bdrun.errors import BdrunError, TrainingInterrupted
+from bdrun.tuning import apply_tuning
 
 CONF_DIR = str(Path(bdrun.conf.__file__).resolve().parent)
 USER_GROUPS = ("dataset", "model", "attack", "defense", "trainer", "logger", "debug", "experiment")
@@ -34,29 +41,6 @@ PLUGIN_LAUNCHERS = ("basic", "joblib", "submitit_local", "submitit_slurm")
 def group_options(group: str) -> list[str]:
     folder = Path(CONF_DIR) / group
     return sorted(p.stem for p in folder.glob("*.yaml"))
-
-
-def rewrite_defense_stack(args: list[str]) -> list[str]:
-    """Turn `defense=[a,b,...]` into `defense=a` plus one `+defense@defense_stack.X=X` per extra."""
-    out = []
-    for arg in args:
-        key, sep, value = arg.partition("=")
-        value = value.strip()
-        if key == "defense" and sep and value.startswith("["):
-            if not value.endswith("]") or value.count("[") != 1:
-                raise BdrunError(
-                    f"cannot read {arg!r}: stack defenses as defense=[a,b] (one list, not swept)"
-                )
-            names = [v.strip() for v in value[1:-1].split(",") if v.strip()]
-            if not names:
-                raise BdrunError("defense=[] is empty; use defense=none")
-            if len(set(names)) != len(names):
-                raise BdrunError(f"{arg}: each defense may appear once in a stack")
-            out.append(f"defense={names[0]}")
-            out += [f"+defense@defense_stack.{name}={name}" for name in names[1:]]
-        else:
-            out.append(arg)
-    return out
 
 
 HYDRA_FLAGS_WITH_VALUE = (
@@ -90,10 +74,10 @@ def split_overrides(args: list[str]) -> list[str]:
     return overrides
 
 
-def check_overrides(args: list[str]) -> None:
+def check_overrides(args: list[str]) -> DictConfig:
     """Compose the config once before Hydra runs, so that bad group options, unknown keys and
-    unreadable overrides end in one line. Sweeps are checked with their first value."""
-    from hydra import compose, initialize_config_dir
+    unreadable overrides end in one line; return it (`hydra` node included, tuning applied to the
+    rest). Sweeps are checked with their first value."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
@@ -107,6 +91,8 @@ def check_overrides(args: list[str]) -> None:
                 raise BdrunError(
                     f"unknown hydra/launcher {launcher!r}; choose one of: {', '.join(options)}"
                 )
+        if arg.split("=", 1)[0] in OUTPUT_DIR_KEYS:
+            reduced.append(arg)  # checked by check_output_dir
         if arg.startswith(("hydra.", "hydra/", "+hydra", "~hydra", "++hydra")):
             continue  # Hydra's own settings: Hydra reports on those
         try:
@@ -130,8 +116,7 @@ def check_overrides(args: list[str]) -> None:
             prefix = arg.split("=", 1)[0]
             reduced.append(f"{prefix}={values[0]}")
     try:
-        with initialize_config_dir(version_base=None, config_dir=CONF_DIR):
-            compose("config", overrides=reduced)
+        composed = compose_with_hydra(reduced)
     except HydraException as err:
         message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
         key = message.split("'")[1] if message.startswith("Could not override '") else None
@@ -140,6 +125,50 @@ def check_overrides(args: list[str]) -> None:
                 f"unknown config key {key!r}; check its spelling (bdrun --cfg job shows every key) or add it with +{key}=..."
             ) from None
         raise BdrunError(message) from None
+    with open_dict(composed):
+        tuned = job_config(composed, reduced)
+        for key in tuned:
+            composed[key] = tuned[key]
+    return composed
+
+
+OUTPUT_DIR_KEYS = ("hydra.run.dir", "hydra.sweep.dir")
+INFO_FLAGS = ("--help", "-h", "--hydra-help", "--shell-completion", "-sc", "--info", "-i")
+
+
+def flag_value(args: list[str], *names: str) -> str | None:
+    """The value after the first of `names` among args (`--cfg job`), else None."""
+    for i, arg in enumerate(args[:-1]):
+        if arg in names:
+            return args[i + 1]
+    return None
+
+
+def print_job_config(composed: DictConfig, resolve: bool) -> None:
+    """`bdrun --cfg job`: the config the run executes, tuning applied (Hydra's own printout
+    would show it without the tuning files)."""
+    job = OmegaConf.masked_copy(composed, [k for k in composed if k != "hydra"])
+    print(OmegaConf.to_yaml(job, resolve=resolve), end="")
+
+
+def check_output_dir(folder: str, key: str) -> None:
+    """A one-line BdrunError when the run (or sweep) folder cannot be created; the folders this
+    check creates are removed again (Hydra makes them when the run starts)."""
+    path = Path(folder)
+    if path.exists() and not path.is_dir():
+        raise BdrunError(f"{key}={folder} is a file, not a folder; choose another {key}")
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(dir=path))
+    except OSError as err:
+        raise BdrunError(
+            f"{key}={folder} cannot be created or written ({err.strerror}); choose a writable folder"
+        ) from None
+    finally:
+        for created in missing:
+            with contextlib.suppress(OSError):
+                created.rmdir()
 
 
 def _discard(run_dir: Path) -> None:
@@ -164,6 +193,7 @@ def _task(cfg: DictConfig) -> float | None:
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     try:
         try:
+            apply_tuning(cfg, hydra_cfg.runtime.choices, list(hydra_cfg.overrides.task))
             results = run(cfg, run_dir)
         except MissingMandatoryValue as err:
             raise BdrunError(
@@ -266,17 +296,23 @@ def _sweep() -> int:
 def main() -> None:
     """Console entry point."""
     args = sys.argv[1:]
+    multirun = _is_multirun(args)
     try:
         args = rewrite_defense_stack(args)
-        if not any(
-            a in ("--help", "-h", "--hydra-help", "--shell-completion", "-sc") for a in args
-        ):
-            check_overrides(args)
+        if not any(a in INFO_FLAGS for a in args):
+            composed = check_overrides(args)
+            shown = flag_value(args, "--cfg", "-c")
+            if shown == "job" and not multirun and flag_value(args, "--package", "-p") is None:
+                print_job_config(composed, resolve="--resolve" in args)
+                return
+            if shown is None:
+                key = OUTPUT_DIR_KEYS[1] if multirun else OUTPUT_DIR_KEYS[0]
+                check_output_dir(str(OmegaConf.select(composed, key)), key)
     except BdrunError as err:
         print(f"bdrun: error: {err}", file=sys.stderr)
         sys.exit(2)
     sys.argv = [sys.argv[0], *args]
-    if _is_multirun(args):
+    if multirun:
         sys.exit(_sweep())
     _task()
 

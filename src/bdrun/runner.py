@@ -39,6 +39,7 @@ from bdrun.results import RESULTS_FILE, version_string, write_json_atomic
 from bdrun.rng import seeded_global
 from bdrun.state import RunData
 from bdrun.training import HardwareSettings, TrainSettings, run_seed, torch_threads
+from bdrun.tuning import applied_tuning
 
 log = logging.getLogger(__name__)
 
@@ -238,6 +239,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
 def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     started = time.perf_counter()
+    applied_tuning(cfg)  # a config composed without bdrun's tuning step fails here, not at the end
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     prepared = prepare(cfg, run_dir)
@@ -290,6 +292,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 "total_s": time.perf_counter() - started,
             },
             "cache": {"model": prepared.model_status},
+            "tuning": applied_tuning(cfg),
             "poison": {
                 "train_poisoned": int(data.train.poison.sum()),
                 "train_size": len(data.train),

@@ -12,6 +12,7 @@ from bdrun.report.collect import Summary
 from bdrun.report.markdown import pct_pm
 from bdrun.report.summary import SUMMARY_MD
 from bdrun.report.table import MAIN_METRICS, job_row, seed_groups
+from bdrun.tuning import tuning_line
 
 ROWS = (("cca", "CCA (clean acc.)"), ("asr", "ASR (attack success)"), ("ra", "RA (robust acc.)"))
 
@@ -40,6 +41,10 @@ def print_summary(results: dict[str, Any], run_dir: Path, console: Console | Non
     for key, label in ROWS:
         b, a = metrics["before"].get(key), metrics["after"].get(key)
         table.add_row(label, _pct(b), _pct(a), _delta(b, a))
+    enabled = ((results.get("config") or {}).get("tuning") or {}).get("enabled", True)
+    tuning = tuning_line(results.get("tuning") or [], enabled)
+    if tuning:
+        console.print(tuning, soft_wrap=True, markup=False)
     console.print(table)
     detection = metrics.get("detection") or {}
     if detection:
