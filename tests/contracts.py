@@ -4,8 +4,10 @@ conf/attack and conf/defense YAML, and on deliberately broken components (they m
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -15,7 +17,7 @@ from bdrun.attacks.base import Attack
 from bdrun.cache import content_key
 from bdrun.context import RunContext
 from bdrun.data.base import ImageSet, to_float
-from bdrun.defenses.base import Defense
+from bdrun.defenses.base import Carried, Defense, Trained, Verdict
 from bdrun.state import RunData
 
 
@@ -118,28 +120,121 @@ def assert_plain_json(value: Any, where: str = "report()") -> None:
         raise AssertionError(f"{where} is not JSON-serialisable: {err}") from None
 
 
-def check_defense(defense: Defense, model: nn.Module, data: RunData, ctx: RunContext) -> None:
-    """Run every stage of `defense` as the runner does and check what it promises: keep-masks
-    over the training set, the given model and the run's data left untouched, a model where a
-    model is returned, one finite score per input from a detector, a plain-JSON report."""
+@dataclass
+class DefenseOutputs:
+    """What a defense's stages decided, as plain tensors: what the oracle check compares."""
+
+    keep: Tensor | None = None
+    trained: dict[str, Tensor] | None = None
+    set_apart: Tensor | None = None
+    verdict: tuple[list[int], list[float], float] | None = None
+    repaired: dict[str, Tensor] = field(default_factory=dict)
+    holdout_scores: Tensor | None = None
+    threshold: float | None = None
+
+
+def check_defense(
+    defense: Defense, model: nn.Module, data: RunData, ctx: RunContext
+) -> DefenseOutputs:
+    """Run every stage of `defense` in the runner's order and check what it promises: keep-masks
+    over the training set, set-apart masks over the set it trained on, a verdict with one
+    anomaly index per label and a finite score, the given model and the run's data left
+    untouched, a model where a model is returned, one finite score per input from a detector,
+    plain-JSON figures. Returns the stages' outputs (check_no_oracle compares two runs)."""
+    out = DefenseOutputs()
     before, frozen = state_of(model), fingerprint(data)
     keep = defense.inspect_data(model, data, ctx)
     if keep is not None:
         assert keep.dtype == torch.bool and keep.shape == (len(data.train),), "bad keep-mask"
+        out.keep = keep.clone()
     assert_same_state(model, before, "inspect_data")
     train_set = data.train if keep is None else data.train.subset(keep)
     trained = defense.train(train_set, data, ctx)
-    assert trained is None or isinstance(trained, nn.Module)
-    repaired = defense.repair(model, data, ctx)
+    current = model
+    if trained is not None:
+        assert isinstance(trained, Trained) and isinstance(trained.model, nn.Module)
+        current, out.trained = trained.model, state_of(trained.model)
+        if trained.set_apart is not None:
+            assert trained.set_apart.dtype == torch.bool
+            assert trained.set_apart.shape == (len(train_set),), "bad set-apart mask"
+            out.set_apart = trained.set_apart.clone()
+    verdict = defense.inspect_model(current, data, ctx)
+    if verdict is not None:
+        assert isinstance(verdict, Verdict)
+        assert len(verdict.anomaly_index) == ctx.info.num_classes, "one anomaly index per label"
+        assert set(verdict.flagged_labels) <= set(range(ctx.info.num_classes))
+        assert math.isfinite(verdict.score), "the verdict's model-level score is not finite"
+        assert_plain_json(verdict.metrics(), "Verdict.metrics()")
+        out.verdict = (list(verdict.flagged_labels), list(verdict.anomaly_index), verdict.score)
+    assert_same_state(model, before, "inspect_model")
+    carried = Carried(verdict=verdict, unrepaired=current)
+    repaired = defense.repair(current, data, ctx, carried)
     assert isinstance(repaired, nn.Module), "repair must return a model"
     assert_same_state(model, before, "repair")
-    detector = defense.detector(repaired, data, ctx)
+    out.repaired = state_of(repaired)
+    detector = defense.detector(repaired, data, ctx, carried)
     if detector is not None:
         for x in (data.test.x[:7], data.backdoor_test.x[:5]):
             scores = detector.score(x)
             assert scores.shape == (len(x),), f"{tuple(scores.shape)} scores for {len(x)} inputs"
             assert all(math.isfinite(v) for v in scores.tolist()), "a detector score is not finite"
             assert detector.rejects(x).shape == (len(x),)
+            measured = detector.measure(x)
+            assert torch.equal(measured.scores, scores), "measure and score disagree"
+            for name, part in measured.parts.items():
+                assert len(part) == len(x), f"measure's part {name!r} is not one row per input"
+        out.holdout_scores = detector.score(data.holdout.x)
+        out.threshold = float(detector.threshold)
     assert_same_state(model, before, "detector")
     assert fingerprint(data) == frozen, "a defense modified the run's data"
-    assert_plain_json(defense.report())
+    assert_plain_json(ctx.figures, "the recorded figures")
+    return out
+
+
+def noise_like(images: ImageSet, num_classes: int, g: torch.Generator) -> ImageSet:
+    """The same number of images and labels, as uniform noise and random labels."""
+    x = torch.rand(images.x.shape, generator=g)
+    if images.x.dtype == torch.uint8:
+        x = (x * 255).round().to(torch.uint8)
+    return images.replace(
+        x=x.to(images.x.dtype),
+        y=torch.randint(num_classes, (len(images),), generator=g),
+        orig_y=torch.randint(num_classes, (len(images),), generator=g),
+    )
+
+
+def with_noise_test_sets(data: RunData, ctx: RunContext) -> tuple[RunData, RunContext]:
+    """The run with its test and backdoor test sets replaced by noise (and a scorer over those)."""
+    g = torch.Generator().manual_seed(1234)
+    classes = data.info.num_classes
+    noisy = dataclasses.replace(
+        data,
+        test=noise_like(data.test, classes, g),
+        backdoor_test=noise_like(data.backdoor_test, classes, g),
+    )
+    scorer = dataclasses.replace(
+        ctx.scorer_or_fail(),
+        test=noisy.test,
+        backdoor_test=noisy.backdoor_test,
+        extra=lambda _predict_fn: {},
+    )
+    return noisy, dataclasses.replace(ctx, scorer=scorer, figures={})
+
+
+def check_no_oracle(real: DefenseOutputs, noise: DefenseOutputs) -> None:
+    """A defense decides with the holdout only: what its stages returned with the real test sets
+    equals what they returned with noise in their place."""
+    for name in ("keep", "set_apart", "holdout_scores"):
+        a, b = getattr(real, name), getattr(noise, name)
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), (
+            f"the defense's {name} depends on the test sets"
+        )
+    assert real.verdict == noise.verdict, "the defense's verdict depends on the test sets"
+    assert real.threshold == noise.threshold, "the detector's threshold depends on the test sets"
+    for name in ("trained", "repaired"):
+        a, b = getattr(real, name), getattr(noise, name)
+        assert (a is None) == (b is None), f"the {name} model depends on the test sets"
+        if a is not None:
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (
+                f"the {name} model depends on the test sets"
+            )

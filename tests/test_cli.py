@@ -55,8 +55,10 @@ def test_default_run_prints_the_table_and_writes_results(tmp_path):
         "none",
     )
     for stage in ("before", "after"):
-        assert set(results["metrics"][stage]) == {"cca", "asr", "ra"}
-        assert all(0 <= v <= 1 for v in results["metrics"][stage].values())
+        figures = results["metrics"][stage]
+        assert set(figures) == {"cca", "asr", "ra", "top_label_share", "degenerate"}
+        assert all(0 <= figures[k] <= 1 for k in ("cca", "asr", "ra", "top_label_share"))
+        assert figures["degenerate"] is False
     assert results["metrics"]["before"]["cca"] > 0.9 and results["metrics"]["before"]["asr"] > 0.9
     assert set(results["timing"]) == {"train_s", "defense_s", "total_s"}
     assert results["cache"] == {"model": "miss"}

@@ -11,16 +11,20 @@ import torch
 from torch import Tensor, nn
 
 from bdrun.attacks.badnets import BadNets
+from bdrun.defenses.base import NOTHING_CARRIED
 from bdrun.defenses.finetune import FineTune
 from bdrun.loggers import RunLogger
 from bdrun.runner import Prepared, build_defenses, prepare
 
 from conftest import attack_overrides, compose_config, conf_options, poison_only
 from contracts import (
+    DefenseOutputs,
     check_backdoor_test,
     check_defense,
+    check_no_oracle,
     check_poisoned_set,
     check_trigger_function,
+    with_noise_test_sets,
 )
 
 ATTACKS = conf_options("attack")
@@ -40,11 +44,19 @@ class InertBadNets(BadNets):
 class ZeroingFineTune(FineTune):
     """Sabotaged: zeroes the model it is given in place, then fine-tunes it."""
 
-    def repair(self, model: nn.Module, data, ctx) -> nn.Module:
+    def repair(self, model: nn.Module, data, ctx, carried=NOTHING_CARRIED) -> nn.Module:
         with torch.no_grad():
             for parameter in model.parameters():
                 parameter.zero_()
-        return super().repair(model, data, ctx)
+        return super().repair(model, data, ctx, carried)
+
+
+class PeekingFineTune(FineTune):
+    """Sabotaged: picks its fine-tuning epochs from the clean test set (an oracle)."""
+
+    def repair(self, model: nn.Module, data, ctx, carried=NOTHING_CARRIED) -> nn.Module:
+        self.epochs = 1 + int(data.test.y[:8].sum()) % 3
+        return super().repair(model, data, ctx, carried)
 
 
 def attack_contract(tmp_path, name: str, *overrides: str) -> None:
@@ -77,15 +89,47 @@ def poisoned_run(tmp_path_factory) -> Prepared:
     return prepare(compose_config(*DIGITS_SMOKE), tmp_path_factory.mktemp("poisoned-run"))
 
 
-def defense_contract(prepared: Prepared, tmp_path, name: str, *overrides: str) -> None:
+def defense_outputs(
+    prepared: Prepared, folder, name: str, *overrides: str, noise: bool = False
+) -> DefenseOutputs:
+    """A fresh instance of defense `name` through check_defense on the shared run (its test sets
+    replaced by noise when `noise`)."""
     (defense,) = build_defenses(compose_config(*DIGITS_SMOKE, f"defense={name}", *overrides))
-    ctx = dataclasses.replace(prepared.ctx, run_dir=tmp_path, logger=RunLogger(tmp_path))
-    check_defense(defense, prepared.model, prepared.data, ctx)
+    folder.mkdir(parents=True, exist_ok=True)
+    ctx = dataclasses.replace(prepared.ctx.for_defense(), run_dir=folder, logger=RunLogger(folder))
+    data = prepared.data
+    if noise:
+        data, ctx = with_noise_test_sets(data, ctx)
+    return check_defense(defense, prepared.model, data, ctx)
+
+
+def defense_contract(prepared: Prepared, tmp_path, name: str, *overrides: str) -> None:
+    defense_outputs(prepared, tmp_path, name, *overrides)
+
+
+def no_oracle(prepared: Prepared, tmp_path, name: str, *overrides: str) -> None:
+    """What the defense decides is the same with the test sets replaced by noise."""
+    real = defense_outputs(prepared, tmp_path / "real", name, *overrides)
+    noise = defense_outputs(prepared, tmp_path / "noise", name, *overrides, noise=True)
+    check_no_oracle(real, noise)
 
 
 @pytest.mark.parametrize("name", DEFENSES)
 def test_defense_contract(name, poisoned_run, tmp_path):
     defense_contract(poisoned_run, tmp_path, name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", DEFENSES)
+def test_no_defense_reads_the_test_sets(name, poisoned_run, tmp_path):
+    no_oracle(poisoned_run, tmp_path, name)
+
+
+def test_the_defense_contract_catches_a_defense_that_reads_the_test_set(poisoned_run, tmp_path):
+    with pytest.raises(AssertionError, match="repaired model depends on the test sets"):
+        no_oracle(
+            poisoned_run, tmp_path, "finetune", "defense._target_=test_contracts.PeekingFineTune"
+        )
 
 
 def test_the_defense_contract_catches_a_repair_that_changes_the_given_model(poisoned_run, tmp_path):

@@ -80,6 +80,26 @@ def test_holdout_is_disjoint_from_train_and_survives_max_train():
     assert not torch.equal(other_seed.holdout.index, full.holdout.index)
 
 
+def test_a_capped_training_set_keeps_every_labels_share():
+    y = torch.tensor([0] * 50 + [1] * 30 + [2] * 20)
+    data = ImageSet(torch.arange(100).view(100, 1, 1, 1).float(), y)
+    capped = data.stratified_subset(33, torch.Generator().manual_seed(0))
+    # 16.5, 9.9 and 6.6 by share; the largest remainders round them to 33
+    assert capped.y.bincount().tolist() == [16, 10, 7]
+    assert torch.equal(capped.index, capped.index.sort().values)  # original order kept
+    again = data.stratified_subset(33, torch.Generator().manual_seed(0))
+    assert torch.equal(again.index, capped.index)
+    assert data.stratified_subset(None, torch.Generator()) is data
+
+
+def test_the_smoke_slice_holds_the_nines_the_sig_showcase_poisons():
+    full = build_splits(Digits().load(), "digits", seed=0, holdout_fraction=0.1)
+    smoke = build_splits(Digits().load(), "digits", seed=0, holdout_fraction=0.1, max_train=256)
+    # conf/tuning/attack_dataset/sig_digits.yaml poisons 9 % of the training set, all nines
+    assert int((full.train.y == 9).sum()) >= round(0.09 * len(full.train))
+    assert int((smoke.train.y == 9).sum()) >= round(0.09 * len(smoke.train))
+
+
 def test_split_arguments_are_validated():
     raw = Digits().load()
     with pytest.raises(BdrunError, match="holdout_fraction"):

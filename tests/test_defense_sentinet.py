@@ -113,22 +113,22 @@ def test_a_pasted_trigger_fools_every_clean_image():
     clean = torch.zeros(1, 1, 4, 4)
     clean[0, 0, 2, 2] = 1.0  # class 0, whose constant logit has no Grad-CAM: empty region
     x = torch.cat([trojaned, clean])
-    confidence, fooled, area = corner_detector().measure(x)
+    confidence, fooled, area = corner_detector().confidence_fooled_area(x)
     assert fooled.tolist() == [1.0, 0.0]
     assert area.tolist() == [1 / 16, 0.0]
     # noise 0.25 in the corner: logits (0, -5) -> confidence sigmoid(5); untouched clean: (0, -10)
     assert torch.allclose(confidence, torch.sigmoid(torch.tensor([5.0, 10.0])).double(), atol=1e-6)
     # the trigger on a noise background stays a trigger: logits (0, 10)
-    background, _, _ = corner_detector("background").measure(trojaned)
+    background, _, _ = corner_detector("background").confidence_fooled_area(trojaned)
     assert math.isclose(float(background), float(torch.sigmoid(torch.tensor(10.0))), abs_tol=1e-6)
 
 
 def test_scores_do_not_depend_on_batching():
     x = torch.rand(7, 1, 4, 4)
-    one = corner_detector().measure(x)
+    one = corner_detector().confidence_fooled_area(x)
     d = corner_detector()
     d.inputs_per_pass, d.batch_size = 100, 100
-    many = d.measure(x)
+    many = d.confidence_fooled_area(x)
     for a, b in zip(one, many, strict=True):
         assert torch.allclose(a, b, atol=1e-6)
 

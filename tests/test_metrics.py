@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from bdrun.data.base import ImageSet
-from bdrun.metrics import accuracy, attack_metrics, predict
+from bdrun.metrics import accuracy, attack_metrics, predict, prediction_metrics
 
 
 class LookupModel(nn.Module):
@@ -50,3 +50,16 @@ def test_predict_batches_and_accepts_uint8():
     model = LookupModel()
     x = (images([3, 1, 2]) * 255).round().to(torch.uint8)
     assert predict(model, x, batch_size=2).tolist() == [3, 1, 2]
+
+
+def test_a_model_that_gives_one_label_to_nearly_every_input_is_degenerate():
+    test = ImageSet(images([0, 1, 2, 3, 4, 5, 6, 7, 8, 9]), torch.arange(10))
+    backdoor = ImageSet(images([0, 0]), torch.zeros(2), orig_y=torch.tensor([3, 4]))
+    constant = prediction_metrics(torch.zeros(10, dtype=torch.long), torch.zeros(2), test, backdoor)
+    assert constant["asr"] == 1.0 and constant["top_label_share"] == 1.0
+    assert constant["degenerate"] is True
+    nine = torch.tensor([0] * 9 + [1])  # 90 %: DEGENERATE_SHARE
+    assert prediction_metrics(nine, torch.zeros(2), test, backdoor)["degenerate"] is True
+    eight = torch.tensor([0] * 8 + [1, 2])
+    working = prediction_metrics(eight, torch.zeros(2), test, backdoor)
+    assert working["top_label_share"] == 0.8 and working["degenerate"] is False

@@ -230,3 +230,36 @@ def test_bdrun_report_rebuilds_from_any_folder(tmp_path):
 def test_bdrun_report_is_a_console_script():
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["bdrun-report"] == "bdrun.report.cli:main"
+
+
+def test_a_degenerate_model_is_marked_in_the_run_and_sweep_summaries(tmp_path):
+    from rich.console import Console
+
+    from bdrun.report.console import print_summary
+
+    degenerate = {"cca": 0.102, "asr": 1.0, "ra": 0.0, "top_label_share": 1.0, "degenerate": True}
+    results = {
+        "dataset": "digits",
+        "model": "small_cnn",
+        "attack": "badnets",
+        "defense": "finetune",
+        "seed": 0,
+        "metrics": {"before": {"cca": 0.98, "asr": 1.0, "ra": 0.0}, "after": degenerate},
+        "timing": {"train_s": 1.0, "defense_s": 1.0, "total_s": 2.0},
+        "cache": {"model": "hit"},
+    }
+    console = Console(record=True, width=200)
+    print_summary(results, tmp_path, console)
+    text = console.export_text()
+    assert "100.00% (degenerate)" in text and "100.00% │" in text  # only the after ASR
+    assert "warning: the model after the defense gives one label to 100.0 %" in text
+
+    folder = make_run(tmp_path / "sweep" / "0", ["defense.lr=1000"], 0.102, 1.0)
+    written = json.loads((folder / "results.json").read_text())
+    written["metrics"]["after"].update(degenerate)
+    (folder / "results.json").write_text(json.dumps(written))
+    make_run(tmp_path / "sweep" / "1", ["defense.lr=0.01"], 0.97, 0.05)
+    summary = summarize(tmp_path / "sweep", figures=False)
+    markdown = (summary.root / "summary.md").read_text()
+    assert markdown.count("100.00 (degenerate)") == 1  # the after ASR of job 0 only
+    assert "Jobs 0: a degenerate model" in markdown

@@ -16,7 +16,7 @@ import pytest
 
 from bdrun.runner import run
 
-from conftest import attack_overrides, compose_config, conf_options
+from conftest import attack_overrides, compose_config, conf_options, run_bdrun
 
 ATTACKS, DEFENSES = conf_options("attack"), conf_options("defense")
 ONCE = [(attack, "none") for attack in ATTACKS] + [
@@ -30,13 +30,8 @@ SAMPLED = random.Random(int(os.environ.get("BDRUN_SMOKE_SEED", "0"))).sample(
 REST = [pair for pair in OTHERS if pair not in SAMPLED]
 
 
-# the digits showcase poisons 90 % of the target class (conf/tuning/attack_dataset/
-# sig_digits.yaml): more nines than a 256-image smoke slice holds, so smoke SIG at its default rate
-SMOKE_RATES = {"sig": ("attack.poison_rate=0.05",)}
-
-
 def smoke_run(attack: str, defense: str, tmp_path) -> None:
-    extra = [*attack_overrides(attack, tmp_path, "debug=smoke"), *SMOKE_RATES.get(attack, ())]
+    extra = attack_overrides(attack, tmp_path, "debug=smoke")
     cfg = compose_config(
         f"attack={attack}", f"defense={defense}", "debug=smoke", "logger=none", *extra
     )
@@ -58,3 +53,19 @@ def test_components_and_sampled_pairs_run_in_smoke_mode(attack, defense, tmp_pat
 @pytest.mark.parametrize("attack, defense", REST)
 def test_the_rest_of_the_attack_defense_grid_runs_in_smoke_mode(attack, defense, tmp_path):
     smoke_run(attack, defense, tmp_path)
+
+
+def test_the_showcase_runs_as_a_smoke_run(tmp_path):
+    """`bdrun attack=sig defense=abl debug=smoke`: the smoke slice keeps the nines' share, so the
+    tuned SIG poisons its 9 % of the slice, and both tuning files apply."""
+    args = ("attack=sig", "defense=abl", "debug=smoke", "logger=none", "hydra.run.dir=run")
+    proc = run_bdrun(*args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    poison = results["poison"]
+    assert poison["train_size"] == 256
+    assert poison["train_poisoned"] == round(0.09 * 256)
+    assert [entry["file"] for entry in results["tuning"]] == [
+        "tuning/attack_dataset/sig_digits.yaml",
+        "tuning/defense_dataset/abl_digits.yaml",
+    ]

@@ -86,9 +86,7 @@ def test_every_tuning_file_sets_keys_its_component_has(path: Path):
 
 
 def test_the_run_records_its_tuning_in_results_and_summary(tmp_path):
-    proc = run_bdrun(
-        "defense=nad", "debug=smoke", "logger=none", "hydra.run.dir=run", cwd=tmp_path
-    )
+    proc = run_bdrun("defense=nad", "debug=smoke", "logger=none", "hydra.run.dir=run", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "tuning: tuning/defense_dataset/nad_digits.yaml (defense.lr" in proc.stdout
     results = json.loads((tmp_path / "run" / "results.json").read_text())

@@ -42,8 +42,10 @@ def main() -> None:
                         defense = NeuronInspect(
                             explanation=explanation, smoothgrad_noise=args.noise
                         )
-                        defense.analyse(prepared.model, prepared.data.holdout, prepared.ctx)
-                        index = [round(v, 2) for v in defense.report()["anomaly_index"]]
+                        verdict = defense.analyse(
+                            prepared.model, prepared.data.holdout, prepared.ctx.for_defense()
+                        )
+                        index = [round(v, 2) for v in verdict.anomaly_index]
                         print(f"seed {seed} attack={attack:7s} {explanation}: {index}", flush=True)
 
 

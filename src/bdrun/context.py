@@ -21,7 +21,7 @@ from bdrun import __version__
 from bdrun.cache import ModelCache, content_key
 from bdrun.data.base import DataInfo, ImageSet
 from bdrun.loggers import RunLogger
-from bdrun.metrics import attack_metrics, on_device, predict
+from bdrun.metrics import on_device, predict, prediction_metrics
 from bdrun.progress import track
 from bdrun.rng import generator
 from bdrun.training import HardwareSettings, TrainingHook, TrainSettings
@@ -29,9 +29,23 @@ from bdrun.training import HardwareSettings, TrainingHook, TrainSettings
 T = TypeVar("T")
 
 if TYPE_CHECKING:
-    from bdrun.defenses.base import InputDetector
+    from bdrun.defenses.base import InputDetector, Measured
 
 PredictFn = Callable[[Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class Guard:
+    """An input detector with its measurement of the run's clean and backdoor test sets: the
+    runner measures each detector once and uses the same scores for the detection metrics and
+    for the figures of the model behind it."""
+
+    detector: InputDetector
+    clean: Measured
+    backdoor: Measured
+
+    def rejected(self, measured: Measured) -> Tensor:
+        return measured.scores > self.detector.threshold
 
 
 @dataclass(frozen=True)
@@ -50,6 +64,12 @@ class Scorer:
     device: torch.device
     extra: Callable[[PredictFn], dict[str, Any]] = field(default=lambda _predict_fn: {})
 
+    def guard(self, detector: InputDetector) -> Guard:
+        """`detector` with its scores of the clean and the backdoor test set."""
+        return Guard(
+            detector, detector.measure(self.test.x), detector.measure(self.backdoor_test.x)
+        )
+
     def predictor(self, model: nn.Module, detectors: Sequence[InputDetector] = ()) -> PredictFn:
         """Images -> predicted labels of `model` behind `detectors`; an input any detector
         rejects gets the label num_classes ("rejected": never correct, never the target)."""
@@ -65,16 +85,19 @@ class Scorer:
 
         return predict_fn
 
-    def evaluate(
-        self, model: nn.Module, detectors: Sequence[InputDetector] = ()
-    ) -> dict[str, float]:
-        """CCA, ASR and RA of `model` (behind `detectors`, where an input any of them rejects
-        counts as defended), plus the attack's own figures. The model is held on the scoring
-        device for all the passes, then goes back to where it was."""
+    def evaluate(self, model: nn.Module, guards: Sequence[Guard] = ()) -> dict[str, Any]:
+        """CCA, ASR and RA of `model` behind the guarding detectors (an input any of them
+        rejects counts as defended, with the scores they measured once), whether the model is
+        degenerate (bdrun.metrics.prediction_metrics), plus the attack's own figures. The model
+        is held on the scoring device for all the passes, then goes back to where it was."""
         with on_device(model, self.device):
-            predict_fn = self.predictor(model, detectors)
-            metrics = attack_metrics(predict_fn, self.test, self.backdoor_test)
-            metrics.update(self.extra(predict_fn))
+            clean = predict(model, self.test.x, self.batch_size, self.device)
+            backdoor = predict(model, self.backdoor_test.x, self.batch_size, self.device)
+            for guard in guards:
+                clean[guard.rejected(guard.clean)] = self.num_classes
+                backdoor[guard.rejected(guard.backdoor)] = self.num_classes
+            metrics = prediction_metrics(clean, backdoor, self.test, self.backdoor_test)
+            metrics.update(self.extra(self.predictor(model, [g.detector for g in guards])))
             return metrics
 
 
@@ -85,7 +108,9 @@ class RunContext:
     `new_model` builds a freshly initialised model of the configured architecture; `key_parts`
     is what (besides the training tensors) determines a trained model, for the cache;
     `attack_hooks` are the training-time attack's hooks, part of every training of the
-    poisoned data; `scorer` scores models on the frozen test sets (None during the attack stage).
+    poisoned data; `scorer` scores models on the frozen test sets (None during the attack stage);
+    `figures` collects what the stage that runs records (`record`; one dict per defense, see
+    `for_defense`).
     """
 
     seed: int
@@ -99,10 +124,20 @@ class RunContext:
     key_parts: dict[str, Any] = field(default_factory=dict)
     attack_hooks: Sequence[TrainingHook] = ()
     scorer: Scorer | None = None
+    figures: dict[str, Any] = field(default_factory=dict)
 
     def with_scorer(self, scorer: Scorer) -> RunContext:
         """This context with a scorer over the run's test sets (set once they exist)."""
         return dataclasses.replace(self, scorer=scorer)
+
+    def for_defense(self) -> RunContext:
+        """This context with an empty `figures` record, for one defense of the run."""
+        return dataclasses.replace(self, figures={})
+
+    def record(self, **figures: Any) -> None:
+        """Keep figures (plain JSON values) of the stage that runs: a defense's go to
+        results.json under metrics.detection. Plots and tables go to `run_dir` / `logger`."""
+        self.figures.update(figures)
 
     @property
     def device(self) -> torch.device:
@@ -212,13 +247,12 @@ class RunContext:
         """Iterate with a progress bar (quiet in CI / without a terminal; trainer.progress)."""
         return track(iterable, description, total, self.hardware.progress)
 
-    def evaluate(
-        self, model: nn.Module, detectors: Sequence[InputDetector] = ()
-    ) -> dict[str, float]:
-        """See Scorer.evaluate."""
-        return self._scorer().evaluate(model, detectors)
+    def evaluate(self, model: nn.Module) -> dict[str, Any]:
+        """CCA, ASR and RA of `model` on the run's test sets, for figures only (Scorer.evaluate):
+        what a defense decides must not depend on them."""
+        return self.scorer_or_fail().evaluate(model)
 
-    def _scorer(self) -> Scorer:
+    def scorer_or_fail(self) -> Scorer:
         if self.scorer is None:
             raise RuntimeError("models are scored once the attack stage has built the test sets")
         return self.scorer

@@ -25,7 +25,6 @@ from bdrun import __version__
 from bdrun.errors import BdrunError
 from bdrun.fs import atomic_dir
 from bdrun.metrics import predict
-from bdrun.training import run_seed
 
 FORMAT = "bdrun-model/1"
 DESCRIPTION_FILE = "model.json"
@@ -244,13 +243,36 @@ def is_goodnet(detector: object) -> bool:
     )
 
 
+@dataclass(frozen=True)
+class ExportSettings:
+    """What a run's export needs from its config, read once in the runner's setup: whether to
+    export (`export`), the model's constructor options, how the user's files map to [0, 1] (the
+    h5 source's divide_by, else 8-bit images) and what model.json records of the run."""
+
+    enabled: bool
+    model_options: dict[str, Any]
+    divide_by: float | None
+    extra: dict[str, Any]
+
+    @classmethod
+    def from_config(cls, cfg: Any, names: dict[str, str], seed: int) -> ExportSettings:
+        from omegaconf import OmegaConf
+
+        node = OmegaConf.to_container(cfg.model, resolve=True)
+        return cls(
+            enabled=bool(cfg.get("export", True)),
+            model_options={k: v for k, v in node.items() if k not in ("_target_", "name")},
+            divide_by=(cfg.dataset.get("source") or {}).get("divide_by", 255.0),
+            extra={**names, "seed": seed},
+        )
+
+
 def export_run(
-    cfg: Any,
+    settings: ExportSettings,
     run_dir: Path,
     before: nn.Module,
     after: nn.Module,
     detectors: list[Any],
-    names: dict[str, str],
 ) -> dict[str, Any]:
     """Save what the run's defenses produced into the run folder; returns results.json's
     `artifacts` ({} when nothing was produced or `export: false`).
@@ -263,15 +285,9 @@ def export_run(
     """
     import logging
 
-    from omegaconf import OmegaConf
-
-    if not cfg.get("export", True):
+    if not settings.enabled:
         return {}
-    node = OmegaConf.to_container(cfg.model, resolve=True)
-    options = {k: v for k, v in node.items() if k not in ("_target_", "name")}
-    # how the user's files map to [0, 1]: the h5 source's setting, else 8-bit images
-    divide_by = (cfg.dataset.get("source") or {}).get("divide_by", 255.0)
-    extra = {**names, "run_dir": str(run_dir), "seed": run_seed(cfg.seed)}
+    extra = {**settings.extra, "run_dir": str(run_dir)}
     artifacts: dict[str, Any] = {}
     jobs = []
     if after is not before:
@@ -282,7 +298,14 @@ def export_run(
     others = [type(d).__name__ for d in detectors if not is_goodnet(d)]
     for folder, model, reference in jobs:
         try:
-            save_model(run_dir / folder, model, options, divide_by, reference, extra)
+            save_model(
+                run_dir / folder,
+                model,
+                settings.model_options,
+                settings.divide_by,
+                reference,
+                extra,
+            )
             artifacts[folder] = folder
         except BdrunError as err:
             logging.getLogger(__name__).warning("export of %s failed: %s", folder, err)

@@ -21,29 +21,28 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
+from torch import Tensor, nn
 
 from bdrun import __version__
 from bdrun.attacks.base import Attack
 from bdrun.cache import ModelCache
 from bdrun.config import build, component_name
-from bdrun.context import RunContext, Scorer
+from bdrun.context import Guard, RunContext, Scorer
 from bdrun.data.base import ImageSet
 from bdrun.data.splits import Splits, load_splits
-from bdrun.defenses.base import Defense
+from bdrun.defenses.base import Carried, Defense
 from bdrun.errors import BdrunError
-from bdrun.export import export_run
+from bdrun.export import ExportSettings, export_run
 from bdrun.loggers import make_logger
+from bdrun.metrics import input_detection_metrics, per_class_rows, removal_metrics
 from bdrun.models.base import check_fits
 from bdrun.results import RESULTS_FILE, version_string, write_json_atomic
 from bdrun.rng import seeded_global
 from bdrun.state import RunData
 from bdrun.training import HardwareSettings, TrainSettings, run_seed, torch_threads
-from bdrun.tuning import applied_tuning
+from bdrun.tuning import STACK_KEY, applied_tuning
 
 log = logging.getLogger(__name__)
-
-STACK_KEY = "defense_stack"  # extra defenses of `defense=[a,b]` (see bdrun.cli)
 
 
 def cache_settings(node: Any) -> tuple[bool, bool, str]:
@@ -79,6 +78,7 @@ class Setup:
     attack: Attack
     defenses: list[Defense]
     names: dict[str, str]
+    export: ExportSettings
 
 
 @dataclass(frozen=True)
@@ -95,6 +95,7 @@ class Prepared:
     clean_train: ImageSet
     defenses: list[Defense]
     names: dict[str, str]
+    export: ExportSettings
 
 
 def poison_stage(attack: Attack, splits: Splits, ctx: RunContext) -> ImageSet:
@@ -205,7 +206,9 @@ def setup(cfg: DictConfig, run_dir: Path) -> Setup:
         "attack": component_name(cfg.attack, "attack"),
         "defense": "+".join(d.name for d in defenses),
     }
-    return Setup(tools, splits, attack, defenses, names)
+    return Setup(
+        tools, splits, attack, defenses, names, ExportSettings.from_config(cfg, names, seed)
+    )
 
 
 def prepare(cfg: DictConfig, run_dir: Path) -> Prepared:
@@ -228,7 +231,110 @@ def prepare(cfg: DictConfig, run_dir: Path) -> Prepared:
         built.splits.train,
         built.defenses,
         built.names,
+        built.export,
     )
+
+
+@dataclass(frozen=True)
+class Defended:
+    """What the defense stages leave: the model after them, the detectors guarding it (measured
+    on the test sets) and the figures for `metrics.detection`."""
+
+    model: nn.Module
+    guards: list[Guard]
+    detection: dict[str, Any]
+
+
+def run_defenses(
+    defenses: list[Defense], model: nn.Module, data: RunData, ctx: RunContext
+) -> Defended:
+    """Every stage of every defense, in pipeline order (bdrun.defenses.base), on `model` (the
+    poisoned model). The runner scores what the stages return against the ground truth:
+    removals and set-apart samples (precision, recall, removed), verdicts (the model-inspection
+    keys) and detectors (measured once on the test sets: the input-detection keys, plus the
+    detector's own `describe` figures). Each defense's figures are its scored keys and what it
+    recorded (`ctx.record`); with several defenses they are also kept per defense name."""
+    contexts = [ctx.for_defense() for _ in defenses]
+    scored: list[dict[str, Any]] = [{} for _ in defenses]
+    carried = [Carried() for _ in defenses]
+    everyone = list(zip(defenses, contexts, scored, strict=True))
+
+    keep = None
+    for defense, own, figures in everyone:
+        mask = defense.inspect_data(model, data, own)
+        if mask is not None:
+            mask = check_mask(mask, len(data.train), f"{defense.name}'s keep mask")
+            figures.update(score_removal(~mask, data.train, f"{defense.name}/per_class", ctx))
+            keep = mask if keep is None else keep & mask
+    training_data = data.train if keep is None else data.train.subset(keep)
+    current = model
+    if keep is not None:
+        current, _ = ctx.train_cached(training_data, stream="train-filtered")
+    for defense, own, figures in everyone:
+        trained = defense.train(training_data, data, own)
+        if trained is not None:
+            current = trained.model
+            if trained.set_apart is not None:
+                set_apart = check_mask(trained.set_apart, len(training_data), defense.name)
+                figures.update(score_removal(set_apart, training_data, None, ctx))
+    for i, (defense, own, figures) in enumerate(everyone):
+        verdict = defense.inspect_model(current, data, own)
+        if verdict is not None:
+            carried[i] = Carried(verdict=verdict)
+            figures.update(verdict.metrics())
+    for i, (defense, own, _) in enumerate(everyone):
+        carried[i] = dataclasses.replace(carried[i], unrepaired=current)
+        current = defense.repair(current, data, own, carried[i])
+    guards = []
+    for i, (defense, own, figures) in enumerate(everyone):
+        detector = defense.detector(current, data, own, carried[i])
+        if detector is not None:
+            guard = ctx.scorer_or_fail().guard(detector)
+            figures.update(
+                input_detection_metrics(
+                    guard.clean.scores, guard.backdoor.scores, detector.threshold
+                )
+            )
+            figures.update(detector.describe(guard.clean, guard.backdoor, own))
+            guards.append(guard)
+    return Defended(current, guards, detection_figures(defenses, scored, contexts))
+
+
+def check_mask(mask: Tensor, size: int, what: str) -> Tensor:
+    """A stage's bool mask over `size` samples, or a RuntimeError (a defense's bug)."""
+    if mask.dtype != torch.bool or mask.shape != (size,):
+        raise RuntimeError(f"{what} must be a bool tensor of shape ({size},), got {mask.shape}")
+    return mask
+
+
+def score_removal(removed: Tensor, data: ImageSet, table: str | None, ctx: RunContext) -> dict:
+    """Precision, recall and count of the removed samples against the poison ground truth; the
+    per-label breakdown goes to the logger as `table`."""
+    if table:
+        ctx.logger.log_table(table, *per_class_rows(data.y, removed, data.poison))
+    return removal_metrics(removed, data.poison)
+
+
+def detection_figures(
+    defenses: list[Defense], scored: list[dict[str, Any]], contexts: list[RunContext]
+) -> dict[str, Any]:
+    """metrics.detection: every defense's scored keys and recorded figures, in stack order (a
+    later defense's key replaces an earlier one's; warnings add up); with several defenses
+    that report anything, each one's figures also under by_defense.<name>."""
+    detection: dict[str, Any] = {}
+    warnings: list[str] = []
+    per_defense = {}
+    for defense, own_scored, own in zip(defenses, scored, contexts, strict=True):
+        figures = {**own_scored, **own.figures}
+        warnings += figures.pop("warnings", [])
+        detection.update(figures)
+        if figures:
+            per_defense[defense.name] = figures
+    if len(per_defense) > 1:
+        detection["by_defense"] = per_defense
+    if warnings:
+        detection["warnings"] = warnings
+    return detection
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -239,60 +345,39 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
 def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     started = time.perf_counter()
-    applied_tuning(cfg)  # a config composed without bdrun's tuning step fails here, not at the end
+    tuning = applied_tuning(cfg)  # a config composed without bdrun's tuning step fails here
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     prepared = prepare(cfg, run_dir)
-    ctx, data, defenses = prepared.ctx, prepared.data, prepared.defenses
+    ctx, data = prepared.ctx, prepared.data
     model_before = prepared.model
     failed = True
     try:
         before = ctx.evaluate(model_before)
         log.info("before defense: %s", before)
-
         defense_started = time.perf_counter()
-        keep = None
-        for defense in defenses:
-            mask = defense.inspect_data(model_before, data, ctx)
-            if mask is not None:
-                keep = mask if keep is None else keep & mask
-        training_data = data.train if keep is None else data.train.subset(keep)
-        model_after = model_before
-        if keep is not None:
-            model_after, _ = ctx.train_cached(training_data, stream="train-filtered")
-        for defense in defenses:
-            trained = defense.train(training_data, data, ctx)
-            if trained is not None:
-                model_after = trained
-        for defense in defenses:
-            model_after = defense.repair(model_after, data, ctx)
-        detectors = [
-            d
-            for d in (defense.detector(model_after, data, ctx) for defense in defenses)
-            if d is not None
-        ]
-        unchanged = model_after is model_before and not detectors
-        after = dict(before) if unchanged else ctx.evaluate(model_after, detectors)
-        train_s = prepared.train_s
+        defended = run_defenses(prepared.defenses, model_before, data, ctx)
+        unchanged = defended.model is model_before and not defended.guards
+        after = (
+            dict(before)
+            if unchanged
+            else ctx.scorer_or_fail().evaluate(defended.model, defended.guards)
+        )
         defense_s = time.perf_counter() - defense_started
-
-        detection: dict[str, Any] = {}
-        for defense in defenses:
-            detection.update(defense.report())
         metrics: dict[str, Any] = {"before": before, "after": after}
-        if detection:
-            metrics["detection"] = detection
+        if defended.detection:
+            metrics["detection"] = defended.detection
         results = {
             **prepared.names,
             "seed": ctx.seed,
             "metrics": metrics,
             "timing": {
-                "train_s": train_s,
+                "train_s": prepared.train_s,
                 "defense_s": defense_s,
                 "total_s": time.perf_counter() - started,
             },
             "cache": {"model": prepared.model_status},
-            "tuning": applied_tuning(cfg),
+            "tuning": tuning,
             "poison": {
                 "train_poisoned": int(data.train.poison.sum()),
                 "train_size": len(data.train),
@@ -302,12 +387,23 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             "version": version_string(),
         }
         # the repaired model / GoodNet as folders bdrun-eval runs (see bdrun.export)
-        artifacts = export_run(cfg, run_dir, model_before, model_after, detectors, prepared.names)
+        artifacts = export_run(
+            prepared.export,
+            run_dir,
+            model_before,
+            defended.model,
+            [guard.detector for guard in defended.guards],
+        )
         if artifacts:
             results["artifacts"] = artifacts
         write_json_atomic(run_dir / RESULTS_FILE, results)
         ctx.logger.log_metrics(
-            {f"{stage}/{k}": v for stage in ("before", "after") for k, v in metrics[stage].items()}
+            {
+                f"{stage}/{k}": v
+                for stage in ("before", "after")
+                for k, v in metrics[stage].items()
+                if isinstance(v, int | float)
+            }
         )
         failed = False
         return results
@@ -315,4 +411,4 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         ctx.logger.finish(failed=failed)
 
 
-__all__ = ["BdrunError", "run"]
+__all__ = ["BdrunError", "run", "run_defenses"]

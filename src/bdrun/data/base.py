@@ -69,6 +69,21 @@ class ImageSet:
             return self
         return self.subset(torch.randperm(len(self), generator=g)[:limit].sort().values)
 
+    def stratified_subset(self, limit: int | None, g: torch.Generator) -> ImageSet:
+        """At most `limit` samples drawn with g so that each label keeps its share of the set
+        (largest remainders round the counts to `limit`), in their original order; all of them
+        when limit is None or not below the size."""
+        if limit is None or limit >= len(self):
+            return self
+        labels, counts = self.y.unique(return_counts=True)
+        exact = counts.double() * limit / len(self)
+        take = exact.floor().long()
+        short = limit - int(take.sum())
+        take[torch.argsort(exact - take, descending=True, stable=True)[:short]] += 1
+        order = torch.randperm(len(self), generator=g)
+        chosen = [order[self.y[order] == label][:n] for label, n in zip(labels, take, strict=True)]
+        return self.subset(torch.cat(chosen).sort().values)
+
     def replace(self, **changes: Tensor) -> ImageSet:
         """A copy with some fields replaced (tensors not replaced are shared, not copied)."""
         fields = {

@@ -11,10 +11,9 @@ from bdrun.errors import BdrunError
 from bdrun.rng import generator
 
 
-def _random_subset(data: ImageSet, limit: int | None, g: torch.Generator) -> ImageSet:
+def _check_limit(limit: int | None) -> None:
     if limit is not None and limit < 1:
         raise BdrunError(f"subset size {limit} must be >= 1")
-    return data.random_subset(limit, g)
 
 
 def split_holdout(
@@ -44,15 +43,20 @@ def build_splits(
     """Split off the holdout (unless the source brought one), cap sizes, describe the data.
 
     The holdout comes out of the training split before any cap, so `max_train` (smoke runs)
-    never changes which samples defenders get.
+    never changes which samples defenders get; the capped training set keeps every label's
+    share (ImageSet.stratified_subset), the capped test and holdout sets are plain random draws.
     """
     if raw.holdout is not None:
         train, holdout = raw.train, raw.holdout
     else:
         train, holdout = split_holdout(raw.train, holdout_fraction, generator(seed, "holdout"))
-    train = _random_subset(train, max_train, generator(seed, "max_train"))
-    test = _random_subset(raw.test, max_test, generator(seed, "max_test"))
-    holdout = _random_subset(holdout, max_holdout, generator(seed, "max_holdout"))
+    for limit in (max_train, max_test, max_holdout):
+        _check_limit(limit)
+    # each label keeps its share of the capped training set, so an attack whose poison rate
+    # fits the target class of the full set fits it in a smoke slice too (clean-label SIG)
+    train = train.stratified_subset(max_train, generator(seed, "max_train"))
+    test = raw.test.random_subset(max_test, generator(seed, "max_test"))
+    holdout = holdout.random_subset(max_holdout, generator(seed, "max_holdout"))
     if len(train) == 0 or len(test) == 0:
         raise BdrunError(f"dataset {name} has an empty train or test split")
     shape = train.shape

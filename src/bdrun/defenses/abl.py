@@ -15,16 +15,16 @@ import copy
 import dataclasses
 import logging
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bdrun.data.base import ImageSet
-from bdrun.defenses.base import Defense
+from bdrun.defenses.base import Defense, Trained
 from bdrun.errors import BdrunError
-from bdrun.metrics import accuracy, logits_of, removal_metrics
+from bdrun.metrics import accuracy, logits_of
 from bdrun.training import TrainingHook, TrainSettings
 
 if TYPE_CHECKING:
@@ -312,11 +312,10 @@ class AntiBackdoorLearning(Defense):
         self.unlearning_batch_size = int(unlearning_batch_size)
         self.unlearning_momentum = float(unlearning_momentum)
         self.unlearning_weight_decay = float(unlearning_weight_decay)
-        self._report: dict[str, Any] = {}
-        self._isolation_model: nn.Module | None = None
 
-    def isolate(self, data: ImageSet, ctx: RunContext) -> Tensor:
-        """Bool mask of the isolated (lowest-loss) training samples after the isolation stage."""
+    def isolate(self, data: ImageSet, ctx: RunContext) -> tuple[Tensor, nn.Module]:
+        """Bool mask of the isolated (lowest-loss) training samples after the isolation stage,
+        and the isolation model (the cached one: copy it before training it on)."""
         settings = dataclasses.replace(ctx.settings, epochs=self.isolation_epochs, scheduler="none")
         record = None
         if self.isolation_score == "late_max" and self.isolation_epochs > 0:
@@ -337,20 +336,20 @@ class AntiBackdoorLearning(Defense):
             stream="abl-isolation",
         )
         log.info("ABL isolation model: cache %s", status)
-        self._isolation_model = model
         losses = record.worst if record is not None else per_sample_loss(model, data, ctx)
         count = min(max(1, round(self.isolation_ratio * len(data))), len(data))
         isolated = torch.zeros(len(data), dtype=torch.bool)
         isolated[losses.topk(count, largest=False).indices] = True
-        return isolated
+        return isolated, model
 
-    def train(self, train_set: ImageSet, data: RunData, ctx: RunContext) -> nn.Module:
-        isolated = self.isolate(train_set, ctx)
-        self._report = removal_metrics(isolated, train_set.poison)
+    def train(self, train_set: ImageSet, data: RunData, ctx: RunContext) -> Trained:
+        """Isolate, train on without the isolated samples, unlearn them; the isolated samples
+        are returned as set apart, for the runner to score against the poison ground truth."""
+        isolated, isolation_model = self.isolate(train_set, ctx)
         # the defender's own check of ABL's premise that a backdoor is tied to one class
         share = float(train_set.y[isolated].bincount().max()) / int(isolated.sum())
-        self._report["isolated_top_label_share"] = share
-        log.info("ABL isolated %d samples: %s", int(isolated.sum()), self._report)
+        ctx.record(isolated_top_label_share=share)
+        log.info("ABL isolated %d samples (top label share %.2f)", int(isolated.sum()), share)
         if share < 0.9:
             cost = (
                 "; the clean holdout limits what unlearning them costs"
@@ -363,9 +362,8 @@ class AntiBackdoorLearning(Defense):
                 f"likely caught easy clean samples{cost}"
             )
             log.warning(warning)
-            self._report["warnings"] = [warning]  # printed under the run's summary table
-        assert self._isolation_model is not None
-        model = copy.deepcopy(self._isolation_model)  # the cached isolation model stays as is
+            ctx.record(warnings=[warning])  # printed under the run's summary table
+        model = copy.deepcopy(isolation_model)  # the cached isolation model stays as is
         epochs = ctx.settings.epochs if self.finetune_epochs is None else self.finetune_epochs
         if epochs > 0:
             model, status = ctx.train_cached(
@@ -408,10 +406,9 @@ class AntiBackdoorLearning(Defense):
             stream="abl-unlearning",
         )
         log.info("ABL model unlearned: cache %s", status)
-        self._report["unlearning_epochs_run"] = int(stop.record.epochs)
         after = float(stop.record.accuracy)  # NaN: no epoch ran
-        self._report["isolated_acc_after"] = None if math.isnan(after) else after
-        return model
-
-    def report(self) -> dict[str, Any]:
-        return dict(self._report)
+        ctx.record(
+            unlearning_epochs_run=int(stop.record.epochs),
+            isolated_acc_after=None if math.isnan(after) else after,
+        )
+        return Trained(model, set_apart=isolated)

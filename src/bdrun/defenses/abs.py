@@ -35,7 +35,7 @@ abs.py) where the authors' CIFAR settings are only in their binary.
 Report: `reasr` and `anomaly_index` (the same list) hold each label's best REASR (0 where the
 label had no candidate) -- ABS's score is a REASR, not a MAD index; `max_anomaly_index` is the
 highest REASR. Candidates are optimised together (K x seeds per forward pass), as Neural
-Cleanse's labels are. The defense inspects only: `repair` returns the model unchanged.
+Cleanse's labels are. The defense inspects only (`inspect_model`): the model is left as it is.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bdrun.data.base import to_float
-from bdrun.defenses.base import Defense, require_holdout
+from bdrun.defenses.base import Defense, Verdict, require_holdout
 from bdrun.errors import BdrunError
 from bdrun.metrics import on_device, predict
 from bdrun.models.probes import get_module, layer_outputs
@@ -370,7 +370,6 @@ class ABS(Defense):
             None if max_samples is None else self._positive(max_samples, "max_samples")
         )
         self.max_images = coerce(max_images, "int", "defense.max_images")
-        self.figures: dict[str, Any] = {}
 
     @staticmethod
     def _positive(value: Any, name: str) -> int:
@@ -386,7 +385,7 @@ class ABS(Defense):
         get_module(model, layer)  # a BdrunError listing layers when it does not exist
         return layer
 
-    def analyse(self, model: nn.Module, holdout: ImageSet, ctx: RunContext) -> None:
+    def analyse(self, model: nn.Module, holdout: ImageSet, ctx: RunContext) -> Verdict:
         started = time.perf_counter()
         layer = self.resolve_layer(model)
         require_holdout(holdout, 1, "ABS")
@@ -466,24 +465,18 @@ class ABS(Defense):
                 masks.flatten(1).sum(1),
                 ctx.run_dir / "abs_triggers.safetensors",
             )
-        self.figures = {
-            "model_flagged": bool(flagged),
-            "flagged_labels": flagged,
-            "anomaly_index": per_label,
-            "max_anomaly_index": max(per_label),
-            "reasr": per_label,
-            "reasr_bound": self.reasr_bound,
-            "candidates": rows,
-            "layer": layer,
-            "seed_images": len(seeds),
-            "stimulation_s": stimulated - started,
-            "reverse_s": time.perf_counter() - stimulated,
-        }
+        ctx.record(
+            reasr=per_label,
+            reasr_bound=self.reasr_bound,
+            candidates=rows,
+            layer=layer,
+            seed_images=len(seeds),
+            stimulation_s=stimulated - started,
+            reverse_s=time.perf_counter() - stimulated,
+        )
+        # ABS scores a model by its best candidate's REASR; the anomaly index is the REASR
+        return Verdict(flagged, per_label, max(per_label))
 
-    def repair(self, model: nn.Module, data: RunData, ctx: RunContext) -> nn.Module:
-        """Inspect the model on the clean holdout; the model itself is returned unchanged."""
-        self.analyse(model, data.holdout, ctx)
-        return model
-
-    def report(self) -> dict[str, Any]:
-        return dict(self.figures)
+    def inspect_model(self, model: nn.Module, data: RunData, ctx: RunContext) -> Verdict:
+        """Inspect the model on the clean holdout (the model itself is left as it is)."""
+        return self.analyse(model, data.holdout, ctx)

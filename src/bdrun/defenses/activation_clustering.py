@@ -20,7 +20,6 @@ from torch import Tensor, nn
 from bdrun.data.base import ImageSet
 from bdrun.defenses.base import Defense
 from bdrun.errors import BdrunError
-from bdrun.metrics import per_class_rows, removal_metrics
 from bdrun.models.probes import penultimate
 from bdrun.rng import derive_seed
 
@@ -106,7 +105,6 @@ class ActivationClustering(Defense):
         self.holdout_alpha = float(holdout_alpha)
         self.min_holdout_per_class = int(min_holdout_per_class)
         self.silhouette_sample = int(silhouette_sample)
-        self._report: dict[str, Any] = {}
 
     def _reducer(self, dims: int, seed: int) -> Any:
         from sklearn.decomposition import PCA, FastICA
@@ -198,17 +196,9 @@ class ActivationClustering(Defense):
         removed, classes = self.cluster_classes(
             feats, train.y.numpy(), reference, holdout.y.numpy(), seed
         )
-        removed_t = torch.from_numpy(removed)
-        self._report = removal_metrics(removed_t, train.poison)
-        log.info("%s removed %d samples: %s", self.name, int(removed.sum()), self._report)
-        ctx.logger.log_table(
-            f"{self.name}/per_class", *per_class_rows(train.y, removed_t, train.poison)
-        )
+        log.info("%s removed %d samples", self.name, int(removed.sum()))
         self.describe(feats, classes, ctx)
-        return ~removed_t
+        return ~torch.from_numpy(removed)
 
     def describe(self, feats: np.ndarray, classes: list[ClassClusters], ctx: RunContext) -> None:
         """Figures of the clusters, for subclasses (activation clustering draws none)."""
-
-    def report(self) -> dict[str, Any]:
-        return dict(self._report)

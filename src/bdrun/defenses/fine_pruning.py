@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from bdrun.defenses.base import NOTHING_CARRIED, Carried
 from bdrun.defenses.finetune import finetune
 from bdrun.defenses.prune import Prune
 from bdrun.defenses.pruning import (
@@ -86,15 +87,15 @@ class FinePruning(Prune):
         self.acc_cutoff = fraction(acc_cutoff, "defense.acc_cutoff", allow_none=True)
         self.val_fraction = fraction(val_fraction, "defense.val_fraction")
         self.max_rounds = coerce(max_rounds, "int", "defense.max_rounds")
-        self.rounds: list[dict[str, Any]] = []
-        self.holdout_acc_final: float | None = None
 
-    def repair(self, model: nn.Module, data: RunData, ctx: RunContext) -> nn.Module:
+    def repair(
+        self, model: nn.Module, data: RunData, ctx: RunContext, carried: Carried = NOTHING_CARRIED
+    ) -> nn.Module:
         if self.mode == "iterative":
             return self.iterate(model, data.holdout, ctx)
         pruned = self.pruned_copy(model, data, ctx)
         tuned = finetune(pruned, data.holdout, ctx, self.lr, self.epochs, stream="fine-pruning")
-        self.holdout_acc_final = self.accuracy(tuned, data.holdout, ctx)
+        ctx.record(holdout_acc_finetuned=self.accuracy(tuned, data.holdout, ctx))
         return make_permanent(tuned)
 
     # -- iterative ------------------------------------------------------------------------------
@@ -139,8 +140,7 @@ class FinePruning(Prune):
         channels = len(activity)
         cap = channels if self.prune_ratio is None else round(self.prune_ratio * channels)
         pruned = torch.zeros(channels, dtype=torch.bool)
-        self.rounds = [self.round_row(ctx, current, 0, 0, channels, base)]
-        self.rounds[0]["accepted"] = True
+        rounds = [{**self.round_row(ctx, current, 0, 0, channels, base), "accepted": True}]
         for index in range(1, self.max_rounds + 1):
             remaining = channels - int(pruned.sum())
             count = min(max(1, round(self.step * remaining)), cap - int(pruned.sum()))
@@ -159,28 +159,28 @@ class FinePruning(Prune):
                 ctx, candidate, index, int(candidate_pruned.sum()), channels, val_acc
             )
             row["accepted"] = val_acc >= floor - 1e-9
-            self.rounds.append(row)
+            rounds.append(row)
             log.info("fine-pruning round %d: %s", index, row)
             if not row["accepted"]:
                 break
             current, pruned = candidate, candidate_pruned
-        self.iter_summary = {
-            "prune_layer": site.prune_layer,
-            "rank_layer": site.rank_layer,
-            "channels": channels,
-            "pruned_channels": int(pruned.sum()),
-            "pruned_fraction": int(pruned.sum()) / channels,
-            "val_acc_unpruned": base,
-            "val_acc_floor": floor,
-            "val_acc_final": [r for r in self.rounds if r["accepted"]][-1]["val_acc"],
-            "rounds": len(self.rounds) - 1,
-        }
-        self.write_rounds(ctx, site.prune_layer)
+        ctx.record(
+            prune_layer=site.prune_layer,
+            rank_layer=site.rank_layer,
+            channels=channels,
+            pruned_channels=int(pruned.sum()),
+            pruned_fraction=int(pruned.sum()) / channels,
+            val_acc_unpruned=base,
+            val_acc_floor=floor,
+            val_acc_final=[r for r in rounds if r["accepted"]][-1]["val_acc"],
+            rounds=len(rounds) - 1,
+        )
+        self.write_rounds(ctx, site.prune_layer, rounds)
         return make_permanent(current).eval()
 
-    def write_rounds(self, ctx: RunContext, layer: str) -> None:
+    def write_rounds(self, ctx: RunContext, layer: str, rounds: list[dict[str, Any]]) -> None:
         columns: Sequence[str] = ROUND_COLUMNS if self.curve else ROUND_COLUMNS[:5]
-        rows = [{**r, "holdout_acc": r["val_acc"]} for r in self.rounds]
+        rows = [{**r, "holdout_acc": r["val_acc"]} for r in rounds]
         write_pruning_curve(
             ctx.run_dir,
             f"pruning_curve_{self.name}",
@@ -189,11 +189,3 @@ class FinePruning(Prune):
             title=f"{self.name}: iterative fine-pruning of {layer} (after each round's fine-tuning)",
             columns=columns,
         )
-
-    def report(self) -> dict[str, Any]:
-        if self.mode == "iterative":
-            return dict(getattr(self, "iter_summary", {}))
-        out = super().report()
-        if out and self.holdout_acc_final is not None:
-            out["holdout_acc_finetuned"] = self.holdout_acc_final
-        return out

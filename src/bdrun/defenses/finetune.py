@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from bdrun.defenses.base import Defense
+from bdrun.defenses.base import NOTHING_CARRIED, Carried, Defense
 from bdrun.defenses.pruning import copy_model
 from bdrun.validate import check_schedule
 
@@ -69,5 +69,7 @@ class FineTune(Defense):
     def __init__(self, lr: float = 0.01, epochs: int = 10) -> None:
         self.lr, self.epochs = check_schedule(lr, epochs)
 
-    def repair(self, model: nn.Module, data: RunData, ctx: RunContext) -> nn.Module:
+    def repair(
+        self, model: nn.Module, data: RunData, ctx: RunContext, carried: Carried = NOTHING_CARRIED
+    ) -> nn.Module:
         return finetune(model, data.holdout, ctx, self.lr, self.epochs, stream="finetune")

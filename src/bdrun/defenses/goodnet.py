@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from bdrun.defenses.base import Defense, InputDetector
+from bdrun.defenses.base import NOTHING_CARRIED, Carried, Defense, InputDetector, Measured
 from bdrun.defenses.fine_pruning import FinePruning
 from bdrun.errors import BdrunError
 from bdrun.metrics import predict
@@ -44,6 +44,20 @@ class Disagreement(InputDetector):
         reference = predict(self.reference, x, self.batch_size, self.device)
         return (reference != predict(self.repaired, x, self.batch_size, self.device)).float()
 
+    def describe(self, clean: Measured, backdoor: Measured, ctx: RunContext) -> dict[str, Any]:
+        """Shares of the test sets flagged as N, and B' scored on its own (figures only)."""
+        alone = ctx.evaluate(self.repaired)
+
+        def share(measured: Measured) -> float | None:
+            flagged = int((measured.scores > self.threshold).sum())
+            return flagged / len(measured.scores) if len(measured.scores) else None
+
+        return {
+            "flagged_clean": share(clean),
+            "flagged_backdoor": share(backdoor),
+            **{f"repaired_{key}": alone[key] for key in ("cca", "asr", "ra")},
+        }
+
 
 class GoodNet(Defense):
     """The CSAW-HackML 2020 repaired network G built from B (the given model) and B' (B
@@ -79,40 +93,25 @@ class GoodNet(Defense):
             k: v for k, v in fine_pruning.items() if k not in ("prune_ratio", "curve", "mode")
         }
         self.b0 = FinePruning(prune_ratio=self.b0_prune_ratio, curve=False, **b0_settings)
-        self.reference: nn.Module | None = None
-        self.figures: dict[str, Any] = {}
 
-    def repair(self, model: nn.Module, data: RunData, ctx: RunContext) -> nn.Module:
-        """B' (returned, so the runner scores it behind the detector) and the reference kept."""
+    def repair(
+        self, model: nn.Module, data: RunData, ctx: RunContext, carried: Carried = NOTHING_CARRIED
+    ) -> nn.Module:
+        """B': `model` fine-pruned, which the runner scores behind the detector."""
         self.fine_pruning.name = self.name
-        self.b0.name = f"{self.name}_b0"
-        repaired = self.fine_pruning.repair(model, data, ctx)
-        self.reference = (
-            model if self.reference_kind == "original" else self.b0.repair(model, data, ctx)
-        )
-        return repaired
+        return self.fine_pruning.repair(model, data, ctx)
 
-    def detector(self, model: nn.Module, data: RunData, ctx: RunContext) -> InputDetector | None:
-        if self.reference is None:  # repair did not run (never in the runner's order)
-            raise BdrunError("goodnet needs its repair stage before its detector")
-        detector = Disagreement(self.reference, model, ctx)
-        # scoring only: flagged rates on the test sets, and B' on its own
-        flagged_clean = detector.score(data.test.x)
-        flagged_backdoor = detector.score(data.backdoor_test.x)
-        detector.remember(data.test.x, flagged_clean)
-        detector.remember(data.backdoor_test.x, flagged_backdoor)
-        repaired_alone = ctx.evaluate(model)
-        self.figures = {
-            "reference": self.reference_kind,
-            "flagged_clean": float(flagged_clean.mean()) if len(flagged_clean) else None,
-            "flagged_backdoor": float(flagged_backdoor.mean()) if len(flagged_backdoor) else None,
-            "frr": float(flagged_clean.mean()) if len(flagged_clean) else None,
-            "far": float(1 - flagged_backdoor.mean()) if len(flagged_backdoor) else None,
-            "repaired_cca": repaired_alone["cca"],
-            "repaired_asr": repaired_alone["asr"],
-            "repaired_ra": repaired_alone["ra"],
-        }
-        return detector
-
-    def report(self) -> dict[str, Any]:
-        return {**self.fine_pruning.report(), **self.figures}
+    def detector(
+        self, model: nn.Module, data: RunData, ctx: RunContext, carried: Carried = NOTHING_CARRIED
+    ) -> InputDetector:
+        """Disagreement of B' (`model`) with B (the model the repair started from) or B0."""
+        original = carried.unrepaired
+        if original is None:
+            raise RuntimeError("GoodNet compares B' with the model its repair stage was given")
+        if self.reference_kind == "original":
+            reference = original
+        else:  # B0's own pruning figures are not GoodNet's
+            self.b0.name = f"{self.name}_b0"
+            reference = self.b0.repair(original, data, ctx.for_defense())
+        ctx.record(reference=self.reference_kind)
+        return Disagreement(reference, model, ctx)

@@ -155,7 +155,7 @@ class GradientClustering(ActivationClustering):
     def describe(self, feats: np.ndarray, classes: list[ClassClusters], ctx: RunContext) -> None:
         """Mean |input gradient| of each flagged cluster beside the rest of its class (PNG)."""
         flagged = [c for c in classes if c.flagged][:MAX_FIGURE_CLASSES]
-        self._report["flagged_classes"] = [c.label for c in classes if c.flagged]
+        ctx.record(flagged_classes=[c.label for c in classes if c.flagged])
         if not flagged:
             return
         fig, axes = figure(

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from bdrun.data.base import to_float
-from bdrun.defenses.base import Defense, require_holdout
+from bdrun.defenses.base import NOTHING_CARRIED, Carried, Defense, require_holdout
 from bdrun.defenses.finetune import finetune
 from bdrun.defenses.pruning import copy_model, make_permanent
 from bdrun.errors import BdrunError
@@ -348,14 +348,17 @@ class ModeConnectivityRepair(Defense):
             )
         return rows
 
-    def repair(self, model: nn.Module, data: RunData, ctx: RunContext) -> nn.Module:
+    def repair(
+        self, model: nn.Module, data: RunData, ctx: RunContext, carried: Carried = NOTHING_CARRIED
+    ) -> nn.Module:
         require_holdout(data.holdout, 1, "MCR")
         curve = self.train_curve(model, data, ctx)
-        self.path = self.score_path(curve, data, ctx)
+        path = self.score_path(curve, data, ctx)
+        ctx.record(mcr_t=self.t, mcr_path=path)
         write_curve(
             ctx.run_dir,
             "mcr_path",
-            self.path,
+            path,
             ctx.logger,
             title=f"{self.name}: quadratic Bezier path (t = 0: poisoned, 1: {END_NAMES[self.end_model]})",
             columns=PATH_COLUMNS,
@@ -364,8 +367,3 @@ class ModeConnectivityRepair(Defense):
             stops=[{"t": self.t, "label": f"chosen t = {self.t:g}"}],
         )
         return self.point(curve, self.t, data.holdout, ctx)
-
-    def report(self) -> dict[str, Any]:
-        if not self.path:
-            return {}
-        return {"mcr_t": self.t, "mcr_path": self.path}

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bdrun.defenses.base import Defense, require_holdout
+from bdrun.defenses.base import NOTHING_CARRIED, Carried, Defense, require_holdout
 from bdrun.defenses.pruning import copy_model
 from bdrun.errors import BdrunError
 from bdrun.models.probes import get_module
@@ -242,7 +242,6 @@ class NeuralAttentionDistillation(Defense):
                 "defense.crop_padding and defense.cutout must be >= 0 (0 turns them off), e.g. 4, 3"
             )
         self.flip = bool(flip)
-        self._report: dict[str, Any] = {}
 
     def resolved_layers(self, model: nn.Module) -> list[str]:
         layers = self.layers or [getattr(model, "rank_layer", "")]
@@ -298,7 +297,9 @@ class NeuralAttentionDistillation(Defense):
             log.info("NAD %s, phase %d: cache %s", role, phase, status)
         return model.eval()
 
-    def repair(self, model: nn.Module, data: RunData, ctx: RunContext) -> nn.Module:
+    def repair(
+        self, model: nn.Module, data: RunData, ctx: RunContext, carried: Carried = NOTHING_CARRIED
+    ) -> nn.Module:
         holdout = data.holdout
         require_holdout(holdout, 1, "NAD")
         layers = self.resolved_layers(model)
@@ -321,11 +322,9 @@ class NeuralAttentionDistillation(Defense):
             )  # fmt: skip
         finally:
             hook.close()
-        self._report = {"nad_layers": layers}
-        teacher_metrics = ctx.evaluate(teacher)
-        for key in ("cca", "asr", "ra"):
-            self._report[f"teacher_{key}"] = teacher_metrics[key]
+        teacher_metrics = ctx.evaluate(teacher)  # a figure of the teacher, decided on nothing
+        ctx.record(
+            nad_layers=layers,
+            **{f"teacher_{key}": teacher_metrics[key] for key in ("cca", "asr", "ra")},
+        )
         return student
-
-    def report(self) -> dict[str, Any]:
-        return dict(self._report)

@@ -11,7 +11,7 @@ from torch.nn.utils import prune
 
 from bdrun.data.base import ImageSet, to_float, to_storage
 from bdrun.defenses.anomaly import CONSISTENCY, flagged_labels, mad_anomaly_index
-from bdrun.defenses.base import Defense, InputDetector
+from bdrun.defenses.base import NOTHING_CARRIED, Carried, Defense, InputDetector, Verdict
 from bdrun.defenses.finetune import finetune
 from bdrun.defenses.pruning import (
     PruneSite,
@@ -25,7 +25,7 @@ from bdrun.defenses.pruning import (
 )
 from bdrun.defenses.trigger_reversal import ReversalSettings, ReversedTriggers, reverse_triggers
 from bdrun.errors import BdrunError
-from bdrun.metrics import accuracy, input_detection_metrics, on_device
+from bdrun.metrics import accuracy, on_device
 from bdrun.models.probes import layer_outputs, penultimate
 from bdrun.report.pruning_curve import write_pruning_curve
 from bdrun.report.triggers import plot_reversed_triggers, save_triggers
@@ -138,16 +138,11 @@ class NeuralCleanse(Defense):
         }
         self.settings = ReversalSettings(lr=coerce(mask_lr, "float", "defense.mask_lr"), **values)
         self.settings.check()
-        self.triggers: ReversedTriggers | None = None
-        self.index: Tensor | None = None
-        self.flagged: list[int] = []
-        self.figures: dict[str, Any] = {}
-        self._analysed: nn.Module | None = None
 
     # -- detection -----------------------------------------------------------------------------
-    def analyse(self, model: nn.Module, holdout: ImageSet, ctx: RunContext) -> None:
-        """Reverse every label's trigger on the holdout and run the MAD outlier test."""
-        self._analysed = model
+    def analyse(self, model: nn.Module, holdout: ImageSet, ctx: RunContext) -> Verdict:
+        """Reverse every label's trigger on the holdout and run the MAD outlier test; the
+        verdict's evidence is the reversed triggers, its score the largest anomaly index."""
         x = holdout.random_subset(self.max_samples, ctx.generator("nc-samples")).x
         labels = torch.arange(ctx.info.num_classes)
         triggers = reverse_triggers(
@@ -155,28 +150,23 @@ class NeuralCleanse(Defense):
         )
         model.to("cpu")
         index, median, mad = mad_anomaly_index(triggers.l1, self.consistency)
-        self.triggers, self.index = triggers, index
-        self.flagged = flagged_labels(index, labels, self.anomaly_threshold)
-        self.figures = {
-            "model_flagged": bool(self.flagged),
-            "flagged_labels": self.flagged,
-            "anomaly_index": index.tolist(),
-            "max_anomaly_index": float(index.max()),
-            "l1_norms": triggers.l1.tolist(),
-            "l1_median": median,
-            "l1_mad": mad,
-            "reverse_success": triggers.success.tolist(),
-            "reverse_s": triggers.seconds,
-            "seconds_per_label": triggers.seconds / len(labels),
-            "reverse_steps_mean": float(triggers.steps.double().mean()),
-        }
+        flagged = flagged_labels(index, labels, self.anomaly_threshold)
+        ctx.record(
+            l1_norms=triggers.l1.tolist(),
+            l1_median=median,
+            l1_mad=mad,
+            reverse_success=triggers.success.tolist(),
+            reverse_s=triggers.seconds,
+            seconds_per_label=triggers.seconds / len(labels),
+            reverse_steps_mean=float(triggers.steps.double().mean()),
+        )
         plot = plot_reversed_triggers(
             triggers.masks,
             triggers.patterns,
             labels.tolist(),
             triggers.l1.tolist(),
             index.tolist(),
-            self.flagged,
+            flagged,
             ctx.run_dir / "reversed_triggers.png",
             self.max_images,
         )
@@ -188,70 +178,87 @@ class NeuralCleanse(Defense):
             triggers.l1,
             ctx.run_dir / "reversed_triggers.safetensors",
         )
+        return Verdict(flagged, index.tolist(), float(index.max()), evidence=triggers)
 
-    def mitigation_labels(self) -> list[int]:
+    def mitigation_labels(self, verdict: Verdict) -> list[int]:
         """Labels whose reversed triggers drive the mitigation (the flagged ones)."""
-        assert self.triggers is not None and self.index is not None
-        if self.flagged:
-            return self.flagged
+        if verdict.flagged_labels:
+            return list(verdict.flagged_labels)
         if self.mitigate_unflagged:
-            return [int(self.triggers.labels[int(self.index.argmax())])]
+            return [int(torch.tensor(verdict.anomaly_index).argmax())]
         return []
 
     # -- stages ----------------------------------------------------------------------------------
-    def repair(self, model: nn.Module, data: RunData, ctx: RunContext) -> nn.Module:
-        self.analyse(model, data.holdout, ctx)
-        self.figures["mitigation"] = self.mitigation
-        targets = self.mitigation_labels()
-        self.figures["mitigated_labels"] = targets
+    def inspect_model(self, model: nn.Module, data: RunData, ctx: RunContext) -> Verdict:
+        return self.analyse(model, data.holdout, ctx)
+
+    def repair(
+        self, model: nn.Module, data: RunData, ctx: RunContext, carried: Carried = NOTHING_CARRIED
+    ) -> nn.Module:
+        verdict = self.own_verdict(carried)
+        targets = self.mitigation_labels(verdict)
+        ctx.record(mitigation=self.mitigation, mitigated_labels=targets)
         if not targets or self.mitigation in ("none", "filter"):
             return model
         if self.mitigation == "unlearning":
-            return self.unlearn(model, data.holdout, ctx, targets)
-        return self.prune_neurons(model, data, ctx, targets)
+            return self.unlearn(model, data.holdout, ctx, verdict.evidence, targets)
+        return self.prune_neurons(model, data, ctx, verdict.evidence, targets)
 
-    def detector(self, model: nn.Module, data: RunData, ctx: RunContext) -> InputDetector | None:
-        targets = self.mitigation_labels() if self.triggers is not None else []
-        if self.mitigation != "filter" or not targets:
+    def detector(
+        self, model: nn.Module, data: RunData, ctx: RunContext, carried: Carried = NOTHING_CARRIED
+    ) -> InputDetector | None:
+        if self.mitigation != "filter":
             return None
-        assert self._analysed is not None
-        return self.build_filter(self._analysed, data, ctx, targets)
+        verdict = self.own_verdict(carried)
+        targets = self.mitigation_labels(verdict)
+        if not targets:
+            return None
+        return self.build_filter(model, data, ctx, verdict.evidence, targets)
 
-    def report(self) -> dict[str, Any]:
-        return dict(self.figures)
+    @staticmethod
+    def own_verdict(carried: Carried) -> Verdict:
+        if carried.verdict is None:
+            raise RuntimeError("Neural Cleanse mitigates with its own verdict (inspect_model)")
+        return carried.verdict
 
     # -- mitigation helpers ------------------------------------------------------------------------
-    def stamped(self, data: ImageSet, targets: list[int], g: torch.Generator) -> ImageSet:
+    @staticmethod
+    def stamped(
+        data: ImageSet, triggers: ReversedTriggers, targets: list[int], g: torch.Generator
+    ) -> ImageSet:
         """Holdout samples whose label is not the trigger's, each stamped with a reversed trigger
         of one of `targets` (cycled); y is that target, orig_y the true label."""
-        assert self.triggers is not None
-        position = {int(label): i for i, label in enumerate(self.triggers.labels)}
+        position = {int(label): i for i, label in enumerate(triggers.labels)}
         which = torch.tensor([position[t] for t in targets])[torch.arange(len(data)) % len(targets)]
         which = which[torch.randperm(len(data), generator=g)]
-        target_labels = self.triggers.labels[which]
+        target_labels = triggers.labels[which]
         keep = data.y != target_labels
         subset, which = data.subset(keep), which[keep]
-        x = to_storage(self.triggers.stamp(to_float(subset.x), which).clamp_(0, 1), like=subset.x)
-        return subset.replace(x=x, y=self.triggers.labels[which], orig_y=subset.y)
+        x = to_storage(triggers.stamp(to_float(subset.x), which).clamp_(0, 1), like=subset.x)
+        return subset.replace(x=x, y=triggers.labels[which], orig_y=subset.y)
 
     def unlearn(
-        self, model: nn.Module, holdout: ImageSet, ctx: RunContext, targets: list[int]
+        self,
+        model: nn.Module,
+        holdout: ImageSet,
+        ctx: RunContext,
+        triggers: ReversedTriggers,
+        targets: list[int],
     ) -> nn.Module:
         """Fine-tune with reversed triggers stamped on a share of the holdout, labels kept."""
-        assert self.triggers is not None
         g = ctx.generator("nc-unlearning")
         chosen = torch.randperm(len(holdout), generator=g)[
             : round(self.unlearn_fraction * len(holdout))
         ]
-        position = {int(label): i for i, label in enumerate(self.triggers.labels)}
+        position = {int(label): i for i, label in enumerate(triggers.labels)}
         which = torch.tensor([position[t] for t in targets])[
             torch.arange(len(chosen)) % len(targets)
         ]
         x = holdout.x.clone()
         x[chosen] = to_storage(
-            self.triggers.stamp(to_float(holdout.x[chosen]), which).clamp_(0, 1), like=holdout.x
+            triggers.stamp(to_float(holdout.x[chosen]), which).clamp_(0, 1), like=holdout.x
         )
-        self.figures["unlearn_stamped"] = len(chosen)
+        ctx.record(unlearn_stamped=len(chosen))
         return finetune(
             model, holdout.replace(x=x), ctx, self.lr, self.epochs, stream="nc-unlearning"
         )
@@ -301,12 +308,17 @@ class NeuralCleanse(Defense):
         return activations(stamped.x).mean(0) - activations(clean.x).mean(0)
 
     def prune_neurons(
-        self, model: nn.Module, data: RunData, ctx: RunContext, targets: list[int]
+        self,
+        model: nn.Module,
+        data: RunData,
+        ctx: RunContext,
+        triggers: ReversedTriggers,
+        targets: list[int],
     ) -> nn.Module:
         """Prune the neurons the reversed trigger excites most, until it stops working."""
         activations, predictions, apply = self.neuron_scorer(model, ctx)
         holdout = data.holdout
-        stamped = self.stamped(holdout, targets, ctx.generator("nc-pruning"))
+        stamped = self.stamped(holdout, triggers, targets, ctx.generator("nc-pruning"))
         order = torch.argsort(self.activation_gap(activations, holdout, stamped), descending=True)
         neurons = len(order)
         keeps = torch.ones(neurons + 1, neurons)
@@ -349,15 +361,13 @@ class NeuralCleanse(Defense):
             stops=[{"fraction": count / neurons, "label": "chosen"}],
             x_label="fraction of neurons pruned",
         )
-        self.figures.update(
-            {
-                "neuron_layer": self.neuron_layer,
-                "neurons": neurons,
-                "pruned_neurons": count,
-                "pruned_fraction": count / neurons,
-                "holdout_acc_pruned": float(clean_acc[count]),
-                "reversed_trigger_success_pruned": float(trigger_rate[count]),
-            }
+        ctx.record(
+            neuron_layer=self.neuron_layer,
+            neurons=neurons,
+            pruned_neurons=count,
+            pruned_fraction=count / neurons,
+            holdout_acc_pruned=float(clean_acc[count]),
+            reversed_trigger_success_pruned=float(trigger_rate[count]),
         )
         pruned = torch.zeros(neurons, dtype=torch.bool)
         pruned[order[:count]] = True
@@ -378,22 +388,21 @@ class NeuralCleanse(Defense):
                 row["ra"] = accuracy(backdoor[k], backdoor_test.orig_y)
 
     def build_filter(
-        self, model: nn.Module, data: RunData, ctx: RunContext, targets: list[int]
+        self,
+        model: nn.Module,
+        data: RunData,
+        ctx: RunContext,
+        triggers: ReversedTriggers,
+        targets: list[int],
     ) -> InputDetector:
-        """The input filter, calibrated on the clean holdout; scored on the test sets."""
+        """The input filter, calibrated on the clean holdout (the runner scores it)."""
         activations, _, _ = self.neuron_scorer(model, ctx)
         holdout = data.holdout
-        stamped = self.stamped(holdout, targets, ctx.generator("nc-filter"))
+        stamped = self.stamped(holdout, triggers, targets, ctx.generator("nc-filter"))
         gap = self.activation_gap(activations, holdout, stamped)
         top = max(1, round(self.filter_top * len(gap)))
         neurons = torch.argsort(gap, descending=True)[:top]
         clean_scores = activations(holdout.x)[:, neurons].mean(1)
         threshold = float(torch.quantile(clean_scores.double(), 1 - self.filter_fpr))
-        detector = ActivationFilter(activations, neurons, threshold)
-        test_scores = detector.score(data.test.x)
-        bd_scores = detector.score(data.backdoor_test.x)
-        detector.remember(data.test.x, test_scores)
-        detector.remember(data.backdoor_test.x, bd_scores)
-        self.figures["filter_neurons"] = neurons.tolist()
-        self.figures.update(input_detection_metrics(test_scores, bd_scores, threshold))
-        return detector
+        ctx.record(filter_neurons=neurons.tolist())
+        return ActivationFilter(activations, neurons, threshold)

@@ -29,7 +29,7 @@ lambda_pe * (1 - persistence), each feature divided by its median over the label
 alone in charge; scaled features take weights 1, 1, 1. A label is flagged when the MAD anomaly
 index of its combined feature on the small side exceeds `anomaly_threshold` (2, as Neural
 Cleanse, whose outlier test the paper adopts); the model is flagged when any label is. The
-defense inspects only: `repair` returns the model unchanged.
+defense inspects only (`inspect_model`): the model is left as it is.
 
 Measured on Fashion-MNIST BadNets 10 % (scripts/experiments/neuron_inspect_seeds.py, seeds 0 / 1
 / 2): the target's index is 1.40 / 2.65 / 0.60 with saliency, the clean models' largest 1.68 /
@@ -41,14 +41,14 @@ sparse and persistent as a trigger's.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from bdrun.data.base import to_float
 from bdrun.defenses.anomaly import CONSISTENCY, flagged_labels, mad_anomaly_index
-from bdrun.defenses.base import Defense, require_holdout
+from bdrun.defenses.base import Defense, Verdict, require_holdout
 from bdrun.errors import BdrunError
 from bdrun.models.probes import input_gradients
 from bdrun.report.triggers import plot_label_heatmaps
@@ -215,9 +215,8 @@ class NeuronInspect(Defense):
         if self.consistency <= 0:
             raise BdrunError(f"defense.consistency={consistency} must be > 0, e.g. 1.4826")
         self.max_images = coerce(max_images, "int", "defense.max_images")
-        self.figures: dict[str, Any] = {}
 
-    def analyse(self, model: nn.Module, holdout: ImageSet, ctx: RunContext) -> None:
+    def analyse(self, model: nn.Module, holdout: ImageSet, ctx: RunContext) -> Verdict:
         started = time.perf_counter()
         require_holdout(holdout, 2, "NeuronInspect")
         sample = holdout.random_subset(self.max_samples, ctx.generator("neuron-inspect-samples"))
@@ -257,22 +256,20 @@ class NeuronInspect(Defense):
                 ("inconsistency", 1 - persist),
             )
         }
-        self.figures = {
-            "model_flagged": bool(flagged),
-            "flagged_labels": flagged,
-            "anomaly_index": index.tolist(),
-            "max_anomaly_index": float(index.max()),
-            "sparseness": sparse.tolist(),
-            "smoothness": smooth.tolist(),
-            "persistence": persist.tolist(),
-            "combined_feature": combined.tolist(),
-            "combined_median": median,
-            "combined_mad": mad,
-            "feature_anomaly_index": per_feature,
-            "heatmap_images": len(x),
-            "explanation": self.explanation,
-            "inspect_s": time.perf_counter() - started,
-        }
+        ctx.record(
+            **{
+                "sparseness": sparse.tolist(),
+                "smoothness": smooth.tolist(),
+                "persistence": persist.tolist(),
+                "combined_feature": combined.tolist(),
+                "combined_median": median,
+                "combined_mad": mad,
+                "feature_anomaly_index": per_feature,
+                "heatmap_images": len(x),
+                "explanation": self.explanation,
+                "inspect_s": time.perf_counter() - started,
+            }
+        )
         plot = plot_label_heatmaps(
             mean_maps,
             labels.tolist(),
@@ -282,11 +279,9 @@ class NeuronInspect(Defense):
             self.max_images,
         )
         ctx.logger.log_image("neuron_inspect_heatmaps", plot)
+        # the model-level score: the most anomalous label's index
+        return Verdict(flagged, index.tolist(), float(index.max()))
 
-    def repair(self, model: nn.Module, data: RunData, ctx: RunContext) -> nn.Module:
-        """Inspect the model on the clean holdout; the model itself is returned unchanged."""
-        self.analyse(model, data.holdout, ctx)
-        return model
-
-    def report(self) -> dict[str, Any]:
-        return dict(self.figures)
+    def inspect_model(self, model: nn.Module, data: RunData, ctx: RunContext) -> Verdict:
+        """Inspect the model on the clean holdout (the model itself is left as it is)."""
+        return self.analyse(model, data.holdout, ctx)

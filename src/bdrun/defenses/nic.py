@@ -37,10 +37,17 @@ import torch
 from torch import Tensor, nn
 
 from bdrun.data.base import to_float
-from bdrun.defenses.base import Defense, InputDetector, require_holdout
+from bdrun.defenses.base import (
+    NOTHING_CARRIED,
+    Carried,
+    Defense,
+    InputDetector,
+    Measured,
+    require_holdout,
+)
 from bdrun.defenses.pruning import reduce_channels
 from bdrun.errors import BdrunError
-from bdrun.metrics import auroc, input_detection_metrics, logits_of, on_device
+from bdrun.metrics import auroc, logits_of, on_device
 from bdrun.models.probes import get_module
 from bdrun.report.histograms import clean_vs_trojaned
 
@@ -234,9 +241,48 @@ class NicDetector(InputDetector):
         return -torch.from_numpy(np.asarray(decision, dtype=np.float64))
 
     def score(self, x: Tensor) -> Tensor:
+        return self.measure(x).scores
+
+    def measure(self, x: Tensor) -> Measured:
+        """Scores, with each invariant's decision values behind them (`value`: one column per
+        layer; `provenance`: one per pair of consecutive layers)."""
         if len(x) == 0:
-            return torch.empty(0, dtype=torch.float64)
-        return self.combine(*self.invariant_values(x))
+            layers = len(self.layers)
+            return Measured(
+                torch.empty(0, dtype=torch.float64),
+                {"value": torch.empty(0, layers), "provenance": torch.empty(0, layers - 1)},
+            )
+        values, provenance = self.invariant_values(x)
+        return Measured(
+            self.combine(values, provenance),
+            {"value": torch.from_numpy(values), "provenance": torch.from_numpy(provenance)},
+        )
+
+    def describe(self, clean: Measured, backdoor: Measured, ctx: RunContext) -> dict[str, Any]:
+        """Each invariant's own AUROC on the test sets and the score histogram (PNG, logger)."""
+
+        def invariant_auroc(part: str, column: int) -> float:
+            # an invariant's decision value is higher for inputs that fit it: minus it scores
+            return auroc(-clean.parts[part][:, column], -backdoor.parts[part][:, column])
+
+        path = clean_vs_trojaned(
+            clean.scores,
+            backdoor.scores,
+            ctx.run_dir / HISTOGRAM_FILE,
+            threshold=self.threshold,
+            xlabel="NIC score (minus the final one-class model's decision value)",
+            title=f"NIC, {len(self.layers)} layers: clean vs trojaned test inputs",
+        )
+        ctx.logger.log_image("nic/score_histogram", path)
+        pairs = zip(self.layers[:-1], self.layers[1:], strict=True)
+        return {
+            "value_auroc": {
+                name: invariant_auroc("value", i) for i, name in enumerate(self.layers)
+            },
+            "provenance_auroc": {
+                f"{a}>{b}": invariant_auroc("provenance", i) for i, (a, b) in enumerate(pairs)
+            },
+        }
 
     def calibrate(self, clean_scores: Tensor, frr: float) -> float:
         """Reject a share `frr` of clean inputs: the empirical (1 - frr) quantile of their scores."""
@@ -307,9 +353,10 @@ class Nic(Defense):
         self.frr = float(frr)
         self.invariant_share = float(invariant_share)
         self.final_share = float(final_share)
-        self._report: dict[str, Any] = {}
 
-    def detector(self, model: nn.Module, data: RunData, ctx: RunContext) -> InputDetector:
+    def detector(
+        self, model: nn.Module, data: RunData, ctx: RunContext, carried: Carried = NOTHING_CARRIED
+    ) -> InputDetector:
         holdout = data.holdout
         require_holdout(holdout, 6, "NIC")
         layers = self.layers or default_layers(model)
@@ -349,40 +396,5 @@ class Nic(Defense):
             len(calibration),
         )
 
-        # score the test sets once: for the detection figures here and the evaluation after
-        clean, trojaned = data.test.x, data.backdoor_test.x
-        clean_values, clean_provenance = detector.invariant_values(clean)
-        trojan_values, trojan_provenance = detector.invariant_values(trojaned)
-        clean_scores = detector.combine(clean_values, clean_provenance)
-        trojan_scores = detector.combine(trojan_values, trojan_provenance)
-        detector.remember(clean, clean_scores)
-        detector.remember(trojaned, trojan_scores)
-
-        def invariant_auroc(clean_part: np.ndarray, trojan_part: np.ndarray) -> float:
-            return auroc(-torch.from_numpy(clean_part), -torch.from_numpy(trojan_part))
-
-        self._report = {
-            **input_detection_metrics(clean_scores, trojan_scores, detector.threshold),
-            "layers": layers,
-            "value_auroc": {
-                name: invariant_auroc(clean_values[:, i], trojan_values[:, i])
-                for i, name in enumerate(layers)
-            },
-            "provenance_auroc": {
-                f"{a}>{b}": invariant_auroc(clean_provenance[:, i], trojan_provenance[:, i])
-                for i, (a, b) in enumerate(zip(layers[:-1], layers[1:], strict=True))
-            },
-        }
-        path = clean_vs_trojaned(
-            clean_scores,
-            trojan_scores,
-            ctx.run_dir / HISTOGRAM_FILE,
-            threshold=detector.threshold,
-            xlabel="NIC score (minus the final one-class model's decision value)",
-            title=f"NIC, {len(layers)} layers: clean vs trojaned test inputs",
-        )
-        ctx.logger.log_image("nic/score_histogram", path)
+        ctx.record(layers=layers)
         return detector
-
-    def report(self) -> dict[str, Any]:
-        return dict(self._report)

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from bdrun.cache import content_key
-from bdrun.defenses.base import Defense
+from bdrun.defenses.base import NOTHING_CARRIED, Carried, Defense
 from bdrun.defenses.pruning import (
     PruneSite,
     channel_activity,
@@ -72,9 +72,25 @@ class PrunePlan:
     rows: list[dict[str, Any]] = field(default_factory=list)
     stops: list[dict[str, Any]] = field(default_factory=list)
 
+    curve_cache: str = "not scored"
+
     @property
     def pruned(self) -> Tensor:
         return pruned_mask(self.order, self.count, self.channels)
+
+    def figures(self) -> dict[str, Any]:
+        """The plan's figures for results.json (metrics.detection)."""
+        return {
+            "prune_layer": self.site.prune_layer,
+            "rank_layer": self.site.rank_layer,
+            "channels": self.channels,
+            "pruned_channels": self.count,
+            "pruned_fraction": self.count / self.channels,
+            "holdout_acc_unpruned": float(self.holdout_acc[0]),
+            "holdout_acc_pruned": float(self.holdout_acc[self.count]),
+            "prune_stops": self.stops,
+            "curve_cache": self.curve_cache,
+        }
 
 
 class Prune(Defense):
@@ -124,8 +140,6 @@ class Prune(Defense):
         self.curve_samples = (
             None if curve_samples is None else coerce(curve_samples, "int", "defense.curve_samples")
         )
-        self.plan: PrunePlan | None = None
-        self.curve_cache = "not scored"
 
     # -- planning -------------------------------------------------------------------------------
     def chosen_count(self, holdout_acc: Tensor, channels: int) -> int:
@@ -154,7 +168,9 @@ class Prune(Defense):
         )
         stops = self.stop_points(plan)
         if self.curve:
-            plan.rows = self.cached_curve(model, data, ctx, plan, [s["pruned"] for s in stops])
+            plan.rows, plan.curve_cache = self.cached_curve(
+                model, data, ctx, plan, [s["pruned"] for s in stops]
+            )
             by_count = {row["pruned"]: row for row in plan.rows}
             for stop in stops:
                 stop.update({k: by_count[stop["pruned"]][k] for k in ("cca", "asr", "ra")})
@@ -167,7 +183,7 @@ class Prune(Defense):
                 stops=stops,
             )
         plan.stops = stops
-        self.plan = plan
+        ctx.record(**plan.figures())
         return plan
 
     def stop_points(self, plan: PrunePlan) -> list[dict[str, Any]]:
@@ -192,8 +208,9 @@ class Prune(Defense):
         ctx: RunContext,
         plan: PrunePlan,
         extra: Sequence[int],
-    ) -> list[dict[str, Any]]:
-        """`score_curve` at the grid levels through the cache, plus the stops off the grid: the
+    ) -> tuple[list[dict[str, Any]], str]:
+        """`score_curve` at the grid levels through the cache, plus the stops off the grid, and
+        the cache status of the grid's scores ("hit", "miss", "off"): the
         jobs of a sweep over the fine-tuning lr or the prune ratio prune the same poisoned model
         in the same order, so they share its curve (scored once: most of a fine-pruning job's
         time on Fashion-MNIST); only their own stops are scored per job."""
@@ -213,7 +230,7 @@ class Prune(Defense):
             }
         )
         meta = {"what": "pruning curve", "layer": plan.site.prune_layer, "levels": len(grid)}
-        rows, self.curve_cache = ctx.cache.get_or_compute(
+        rows, status = ctx.cache.get_or_compute(
             key, lambda: self.score_curve(model, data, ctx, plan, grid), meta
         )
         off_grid = sorted({*extra, plan.count} - set(grid))
@@ -222,7 +239,7 @@ class Prune(Defense):
                 [*rows, *self.score_curve(model, data, ctx, plan, off_grid)],
                 key=lambda r: r["pruned"],
             )
-        return rows
+        return rows, status
 
     def score_curve(
         self,
@@ -264,21 +281,7 @@ class Prune(Defense):
         plan = self.make_plan(model, data, ctx)
         return mask_channels(copy_model(model), plan.site, plan.pruned).eval()
 
-    def repair(self, model: nn.Module, data: RunData, ctx: RunContext) -> nn.Module:
+    def repair(
+        self, model: nn.Module, data: RunData, ctx: RunContext, carried: Carried = NOTHING_CARRIED
+    ) -> nn.Module:
         return make_permanent(self.pruned_copy(model, data, ctx))
-
-    def report(self) -> dict[str, Any]:
-        if self.plan is None:
-            return {}
-        plan = self.plan
-        return {
-            "prune_layer": plan.site.prune_layer,
-            "rank_layer": plan.site.rank_layer,
-            "channels": plan.channels,
-            "pruned_channels": plan.count,
-            "pruned_fraction": plan.count / plan.channels,
-            "holdout_acc_unpruned": float(plan.holdout_acc[0]),
-            "holdout_acc_pruned": float(plan.holdout_acc[plan.count]),
-            "prune_stops": plan.stops,
-            "curve_cache": self.curve_cache,
-        }

@@ -26,9 +26,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bdrun.data.base import to_float
-from bdrun.defenses.base import Defense, InputDetector, require_holdout
+from bdrun.defenses.base import (
+    NOTHING_CARRIED,
+    Carried,
+    Defense,
+    InputDetector,
+    Measured,
+    require_holdout,
+)
 from bdrun.errors import BdrunError
-from bdrun.metrics import input_detection_metrics, logits_of, on_device
+from bdrun.metrics import logits_of, on_device
 from bdrun.models.probes import get_module
 from bdrun.report.scatter import clean_vs_trojaned_scatter
 
@@ -216,7 +223,7 @@ class SentinetDetector(InputDetector):
         return classes[:, 0], masks
 
     @torch.no_grad()
-    def measure(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def confidence_fooled_area(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(average confidence [N], fooled share [N], mask area share [N]) of images x."""
         predicted, masks = self.masks(x)
         n = len(self.pool)
@@ -251,7 +258,41 @@ class SentinetDetector(InputDetector):
         return distance_above(self.coefficients, confidence, fooled)
 
     def score(self, x: Tensor) -> Tensor:
-        return self.distance(*self.measure(x)[:2])
+        return self.measure(x).scores
+
+    def measure(self, x: Tensor) -> Measured:
+        """Distances, with the confidence, fooled share and mask area behind them."""
+        confidence, fooled, area = self.confidence_fooled_area(x)
+        return Measured(
+            self.distance(confidence, fooled),
+            {"confidence": confidence, "fooled": fooled, "area": area},
+        )
+
+    def describe(self, clean: Measured, backdoor: Measured, ctx: RunContext) -> dict[str, Any]:
+        """The boundary scatter of the clean and trojaned test inputs (PNG, logger) and the
+        means of the values behind the scores."""
+        grid = torch.linspace(0, 1, 201, dtype=torch.float64)
+        path = clean_vs_trojaned_scatter(
+            torch.stack([clean.parts["confidence"], clean.parts["fooled"]], 1),
+            torch.stack([backdoor.parts["confidence"], backdoor.parts["fooled"]], 1),
+            ctx.run_dir / SCATTER_FILE,
+            curve=(grid, boundary_value(self.coefficients, grid)),
+            level=lambda conf, fooled: self.distance(conf, fooled),
+            threshold=self.threshold,
+            xlabel="average confidence with the inert pattern",
+            ylabel="fooled share of clean images",
+            title=f"SentiNet, {len(self.pool)} pastes: clean vs trojaned test inputs",
+        )
+        ctx.logger.log_image("sentinet/boundary_scatter", path)
+        return {
+            f"{kind}_{part}_mean": _mean(measured.parts[key])
+            for kind, measured in (("clean", clean), ("trojaned", backdoor))
+            for part, key in (
+                ("fooled", "fooled"),
+                ("confidence", "confidence"),
+                ("mask_area", "area"),
+            )
+        }
 
     def calibrate(self, confidence: Tensor, fooled: Tensor, bin_width: float, frr: float) -> Tensor:
         """Fit the boundary to clean points and set the threshold so that a share `frr` of them
@@ -338,9 +379,10 @@ class Sentinet(Defense):
         self.inert_placement = inert_placement
         self.bin_width = float(bin_width)
         self.max_calibration = int(max_calibration)
-        self._report: dict[str, Any] = {}
 
-    def detector(self, model: nn.Module, data: RunData, ctx: RunContext) -> InputDetector:
+    def detector(
+        self, model: nn.Module, data: RunData, ctx: RunContext, carried: Carried = NOTHING_CARRIED
+    ) -> InputDetector:
         holdout = data.holdout
         require_holdout(holdout, 2, "SentiNet")
         if self.layer:
@@ -365,7 +407,7 @@ class Sentinet(Defense):
             batch_size=ctx.settings.eval_batch_size,
             device=ctx.device,
         )
-        calib_conf, calib_fooled, _ = detector.measure(calibration)
+        calib_conf, calib_fooled, _ = detector.confidence_fooled_area(calibration)
         detector.calibrate(calib_conf, calib_fooled, self.bin_width, self.frr)
         log.info(
             "SentiNet boundary %s, distance threshold %.4f (FRR %.3f, %d pastes, layer %s)",
@@ -376,43 +418,12 @@ class Sentinet(Defense):
             layer,
         )
 
-        # score the test sets once: for the detection figures here and the evaluation after
-        clean, trojaned = data.test.x, data.backdoor_test.x
-        clean_conf, clean_fooled, clean_area = detector.measure(clean)
-        trojan_conf, trojan_fooled, trojan_area = detector.measure(trojaned)
-        clean_scores = detector.distance(clean_conf, clean_fooled)
-        trojan_scores = detector.distance(trojan_conf, trojan_fooled)
-        detector.remember(clean, clean_scores)
-        detector.remember(trojaned, trojan_scores)
-        self._report = {
-            **input_detection_metrics(clean_scores, trojan_scores, detector.threshold),
-            "boundary_coefficients": [round(c, 6) for c in detector.coefficients.tolist()],
-            "n_pastes": n_pool,
-            "layer": layer,
-            "clean_fooled_mean": _mean(clean_fooled),
-            "trojaned_fooled_mean": _mean(trojan_fooled),
-            "clean_confidence_mean": _mean(clean_conf),
-            "trojaned_confidence_mean": _mean(trojan_conf),
-            "clean_mask_area_mean": _mean(clean_area),
-            "trojaned_mask_area_mean": _mean(trojan_area),
-        }
-        grid = torch.linspace(0, 1, 201, dtype=torch.float64)
-        path = clean_vs_trojaned_scatter(
-            torch.stack([clean_conf, clean_fooled], 1),
-            torch.stack([trojan_conf, trojan_fooled], 1),
-            ctx.run_dir / SCATTER_FILE,
-            curve=(grid, boundary_value(detector.coefficients, grid)),
-            level=lambda conf, fooled: detector.distance(conf, fooled),
-            threshold=detector.threshold,
-            xlabel="average confidence with the inert pattern",
-            ylabel="fooled share of clean images",
-            title=f"SentiNet, {n_pool} pastes: clean vs trojaned test inputs",
+        ctx.record(
+            boundary_coefficients=[round(c, 6) for c in detector.coefficients.tolist()],
+            n_pastes=n_pool,
+            layer=layer,
         )
-        ctx.logger.log_image("sentinet/boundary_scatter", path)
         return detector
-
-    def report(self) -> dict[str, Any]:
-        return dict(self._report)
 
 
 def _mean(values: Tensor) -> float:

@@ -9,14 +9,13 @@ the class's centred representations picks up; the runner then retrains on the ke
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from bdrun.defenses.base import Defense
 from bdrun.errors import BdrunError
-from bdrun.metrics import per_class_rows, removal_metrics
 from bdrun.models.probes import penultimate
 from bdrun.validate import coerce
 
@@ -118,7 +117,6 @@ class SpectralSignatures(Defense):
         self.centre = centre
         self.scope = scope
         self.min_holdout_per_class = int(min_holdout_per_class)
-        self._report: dict[str, Any] = {}
 
     def inspect_data(self, model: nn.Module, data: RunData, ctx: RunContext) -> Tensor:
         holdout, data = data.holdout, data.train
@@ -134,10 +132,5 @@ class SpectralSignatures(Defense):
             removed[scores.topk(min(round(share * len(data)), len(data))).indices] = True
         else:
             removed = top_per_class(scores, data.y, share)
-        self._report = removal_metrics(removed, data.poison)
-        log.info("spectral signatures removed %d samples: %s", int(removed.sum()), self._report)
-        ctx.logger.log_table("spectral/per_class", *per_class_rows(data.y, removed, data.poison))
+        log.info("spectral signatures removed %d samples", int(removed.sum()))
         return ~removed
-
-    def report(self) -> dict[str, Any]:
-        return dict(self._report)

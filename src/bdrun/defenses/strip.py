@@ -16,9 +16,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bdrun.data.base import to_float
-from bdrun.defenses.base import Defense, InputDetector, require_holdout
+from bdrun.defenses.base import (
+    NOTHING_CARRIED,
+    Carried,
+    Defense,
+    InputDetector,
+    Measured,
+    require_holdout,
+)
 from bdrun.errors import BdrunError
-from bdrun.metrics import input_detection_metrics
 from bdrun.report.histograms import clean_vs_trojaned
 from bdrun.rng import generator
 
@@ -40,7 +46,7 @@ class StripDetector(InputDetector):
     minus the Shannon entropy (bits) of the softmax, averaged over the blends, so higher means
     more likely trojaned. All blends of a chunk of inputs go through the model in one forward
     pass. Overlay draws come from a fresh generator on every call, so the same inputs always get
-    the same score; the test sets' scores are remembered (InputDetector.remember).
+    the same score.
     """
 
     def __init__(
@@ -91,6 +97,20 @@ class StripDetector(InputDetector):
 
     def score(self, x: Tensor) -> Tensor:
         return -self.entropy(x)
+
+    def describe(self, clean: Measured, backdoor: Measured, ctx: RunContext) -> dict[str, Any]:
+        """The entropy histogram of the clean and the trojaned test inputs (PNG, logger) and
+        the entropy boundary."""
+        path = clean_vs_trojaned(
+            -clean.scores,
+            -backdoor.scores,
+            ctx.run_dir / HISTOGRAM_FILE,
+            threshold=-self.threshold,
+            xlabel="mean entropy of the prediction over blends (bits)",
+            title=f"STRIP, {self.n_overlays} overlays: clean vs trojaned test inputs",
+        )
+        ctx.logger.log_image("strip/entropy_histogram", path)
+        return {"entropy_threshold": -self.threshold}
 
     def calibrate(self, clean_entropy: Tensor, frr: float, method: str) -> float:
         """Set the threshold so that a share `frr` of clean inputs is rejected; return the
@@ -160,9 +180,10 @@ class Strip(Defense):
         self.clip = bool(clip)
         self.threshold_method = threshold_method
         self.overlay_share = float(overlay_share)
-        self._report: dict[str, Any] = {}
 
-    def detector(self, model: nn.Module, data: RunData, ctx: RunContext) -> InputDetector:
+    def detector(
+        self, model: nn.Module, data: RunData, ctx: RunContext, carried: Carried = NOTHING_CARRIED
+    ) -> InputDetector:
         holdout = data.holdout
         require_holdout(holdout, 2, "STRIP")
         order = torch.randperm(len(holdout), generator=ctx.generator("strip-holdout"))
@@ -186,25 +207,4 @@ class Strip(Defense):
             "STRIP entropy boundary %.4f (%s, FRR %.3f)", boundary, self.threshold_method, self.frr
         )
 
-        # score the test sets once: for the detection figures here and the evaluation after
-        clean, trojaned = data.test.x, data.backdoor_test.x
-        clean_scores, trojan_scores = -detector.entropy(clean), -detector.entropy(trojaned)
-        detector.remember(clean, clean_scores)
-        detector.remember(trojaned, trojan_scores)
-        self._report = {
-            **input_detection_metrics(clean_scores, trojan_scores, detector.threshold),
-            "entropy_threshold": boundary,
-        }
-        path = clean_vs_trojaned(
-            -clean_scores,
-            -trojan_scores,
-            ctx.run_dir / HISTOGRAM_FILE,
-            threshold=boundary,
-            xlabel="mean entropy of the prediction over blends (bits)",
-            title=f"STRIP, {self.n_overlays} overlays: clean vs trojaned test inputs",
-        )
-        ctx.logger.log_image("strip/entropy_histogram", path)
         return detector
-
-    def report(self) -> dict[str, Any]:
-        return dict(self._report)

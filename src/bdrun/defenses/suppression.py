@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bdrun.defenses.base import Defense
+from bdrun.defenses.base import NOTHING_CARRIED, Carried, Defense
 from bdrun.errors import BdrunError
 from bdrun.rng import generator
 
@@ -107,7 +107,9 @@ class Suppression(Defense):
         self.noise = float(noise)
         self.distribution = distribution
 
-    def repair(self, model: nn.Module, data: RunData, ctx: RunContext) -> nn.Module:
+    def repair(
+        self, model: nn.Module, data: RunData, ctx: RunContext, carried: Carried = NOTHING_CARRIED
+    ) -> nn.Module:
         return VotingClassifier(
             model,
             self.replicas,

@@ -38,14 +38,30 @@ def print_summary(results: dict[str, Any], run_dir: Path, console: Console | Non
     table.add_column("before", justify="right")
     table.add_column("after", justify="right")
     table.add_column("Δ points", justify="right")
+    degenerate = {stage: bool(metrics[stage].get("degenerate")) for stage in ("before", "after")}
     for key, label in ROWS:
         b, a = metrics["before"].get(key), metrics["after"].get(key)
-        table.add_row(label, _pct(b), _pct(a), _delta(b, a))
+        cells = [_pct(b), _pct(a)]
+        if key == "asr":  # one label for every input is no backdoor: its ASR measures nothing
+            cells = [
+                f"{cell} (degenerate)" if degenerate[stage] else cell
+                for cell, stage in zip(cells, degenerate, strict=True)
+            ]
+        table.add_row(label, *cells, _delta(b, a))
     enabled = ((results.get("config") or {}).get("tuning") or {}).get("enabled", True)
     tuning = tuning_line(results.get("tuning") or [], enabled)
     if tuning:
         console.print(tuning, soft_wrap=True, markup=False)
     console.print(table)
+    for stage, is_degenerate in degenerate.items():
+        if is_degenerate:
+            share = metrics[stage].get("top_label_share") or 0.0
+            console.print(
+                f"warning: the model {stage} the defense gives one label to {100 * share:.1f} % of "
+                "the clean test inputs (degenerate): its ASR is no measure of a backdoor",
+                soft_wrap=True,
+                markup=False,
+            )
     detection = metrics.get("detection") or {}
     if detection:
         shown = ", ".join(

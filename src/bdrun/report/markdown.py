@@ -7,6 +7,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from bdrun.metrics import DEGENERATE_SHARE
 from bdrun.report.collect import Summary
 from bdrun.report.table import MAIN_METRICS, STAGES, columns
 
@@ -54,6 +55,12 @@ def _format_detection(column: str, value: Any) -> str:
     return _pct(value) if name in PCT_FIGURES else f"{float(value):.4g}"
 
 
+def _figure(row: dict[str, Any], stage: str, metric: str) -> str:
+    """A job's CCA / ASR / RA cell; the ASR of a degenerate model is marked as such."""
+    text = _pct(row.get(f"{stage}_{metric}"))
+    return f"{text} (degenerate)" if metric == "asr" and row.get(f"{stage}_degenerate") else text
+
+
 def markdown(
     summary: Summary, rows: list[dict[str, Any]], groups: list[dict[str, Any]], figures: list[Path]
 ) -> str:
@@ -66,6 +73,13 @@ def markdown(
         values = {k: {str(r.get(k, "")) for r in rows} for k in swept}
         counts += " Swept: " + ", ".join(f"`{k}` ({len(values[k])} values)" for k in swept) + "."
     parts += [counts, "", "Figures are percentages (CCA, ASR, RA after / before the defense)."]
+    degenerate = [r["job"] for r in rows if r.get("before_degenerate") or r.get("after_degenerate")]
+    if degenerate:
+        parts += [
+            "",
+            f"Jobs {', '.join(map(str, degenerate))}: a degenerate model (one label for at least "
+            f"{DEGENERATE_SHARE:.0%} of the clean test inputs); its ASR is no measure of a backdoor.",
+        ]
     detection = _detection_columns(rows)
     group_keys = [k for k in swept if k != "seed"]
     if groups and any(g["n"] > 1 for g in groups):
@@ -123,7 +137,7 @@ def markdown(
                 row["status"],
                 *(row.get(k, "") for k in swept),
                 *([] if "seed" in swept else [row.get("seed", "")]),
-                *(_pct(row.get(f"{s}_{m}")) for s in STAGES for m in MAIN_METRICS),
+                *(_figure(row, s, m) for s in STAGES for m in MAIN_METRICS),
                 *(_format_detection(c, row.get(c)) for c in detection),
                 _seconds(row.get("train_s")),
                 _seconds(row.get("defense_s")),

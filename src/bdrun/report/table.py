@@ -52,6 +52,7 @@ def job_row(record: JobRecord, swept: Sequence[str]) -> dict[str, Any]:
     for stage in STAGES:
         for key in MAIN_METRICS:
             row[f"{stage}_{key}"] = metrics.get(stage, {}).get(key)
+        row[f"{stage}_degenerate"] = int(bool(metrics.get(stage, {}).get("degenerate")))
     for stage in STAGES:  # the attack's own figures (per-trigger ASR, ...)
         for key, value in metrics.get(stage, {}).items():
             if key not in MAIN_METRICS and _scalar(value) and not isinstance(value, str):
