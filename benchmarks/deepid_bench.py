@@ -15,6 +15,7 @@ batch size; seconds per label per step, and the whole 1,283 labels at --nc-full-
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import tempfile
 import time
@@ -105,14 +106,20 @@ def main() -> None:
 
 def neural_cleanse(model: DeepID, args: argparse.Namespace) -> None:
     try:
-        from bdrun.defenses.trigger_reversal import ReversalSettings, reverse_triggers
+        from bdrun.config import component
+        from bdrun.defenses.trigger_reversal import reverse_triggers
     except ImportError:
         print("neural cleanse: bdrun.defenses.trigger_reversal is not available")
         return
     holdout = torch.rand(1000, 3, 55, 47, generator=torch.Generator().manual_seed(1))
     labels = torch.arange(args.nc_labels)
     for label_batch in args.nc_label_batches:
-        settings = ReversalSettings(steps=args.nc_steps, early_stop=False, label_batch=label_batch)
+        settings = dataclasses.replace(
+            component("defense", "neural_cleanse").settings,
+            steps=args.nc_steps,
+            early_stop=False,
+            label_batch=label_batch,
+        )
         result = reverse_triggers(
             model, holdout, labels, settings, torch.Generator().manual_seed(0)
         )

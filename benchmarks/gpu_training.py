@@ -24,7 +24,7 @@ from bdrun.data.loader import InMemoryLoader
 from bdrun.lightning_loop import fit
 from bdrun.models.preact_resnet import PreActResNet18
 from bdrun.models.small_cnn import SmallCNN
-from bdrun.training import HardwareSettings, TrainSettings
+from bdrun.training import TrainSettings, hardware_settings, train_settings
 
 SHAPES = {
     "fmnist": ((1, 28, 28), 60000, SmallCNN),
@@ -96,7 +96,7 @@ def main() -> None:
     )
 
     def settings(epochs: int) -> TrainSettings:
-        return TrainSettings(epochs=epochs, batch_size=args.batch_size, lr=0.05)
+        return train_settings(epochs=epochs, batch_size=args.batch_size, lr=0.05)
 
     plain_s = timed(lambda m, e: plain_loop(m, data, settings(e)), initial, args.epochs)
     samples = n * args.epochs
@@ -104,7 +104,7 @@ def main() -> None:
         f"  {'plain PyTorch loop (fp16 AMP, channels-last, GPU data)':58s} {samples / plain_s:9,.0f} samples/s"
     )
     for name, (precision, channels_last, on_device) in VARIANTS.items():
-        hardware = HardwareSettings(
+        hardware = hardware_settings(
             accelerator="gpu",
             precision=precision,
             channels_last=channels_last,

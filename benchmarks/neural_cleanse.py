@@ -16,12 +16,13 @@ Fashion-MNIST / digits BadNets models).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import torch
 
-from bdrun.config import build
-from bdrun.defenses.trigger_reversal import ReversalSettings, reverse_triggers
+from bdrun.config import build, component
+from bdrun.defenses.trigger_reversal import reverse_triggers
 from bdrun.rng import generator
 
 MODELS = {
@@ -70,7 +71,8 @@ def main() -> None:
     )
     baseline = None
     for label_batch in args.label_batches:
-        settings = ReversalSettings(
+        settings = dataclasses.replace(
+            component("defense", "neural_cleanse").settings,
             steps=args.steps,
             samples_per_step=args.samples_per_step,
             early_stop=False,

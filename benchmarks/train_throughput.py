@@ -22,7 +22,7 @@ from bdrun.data.fake import FakeImages
 from bdrun.data.loader import InMemoryLoader
 from bdrun.lightning_loop import fit
 from bdrun.models.small_cnn import SmallCNN
-from bdrun.training import HardwareSettings, TrainSettings
+from bdrun.training import TrainSettings, hardware_settings, train_settings
 
 
 def plain_loop(model, data, settings: TrainSettings) -> None:
@@ -54,8 +54,8 @@ def main() -> None:
     args = parser.parse_args()
 
     data = FakeImages(shape=(1, 28, 28), num_classes=10, n_train=args.n, n_test=10).load().train
-    settings = TrainSettings(epochs=args.epochs, batch_size=args.batch_size, lr=0.05)
-    hardware = HardwareSettings(progress=False)
+    settings = train_settings(epochs=args.epochs, batch_size=args.batch_size, lr=0.05)
+    hardware = hardware_settings(progress=False)
     torch.manual_seed(0)
     initial = SmallCNN((1, 28, 28), 10)
     samples = args.n * args.epochs

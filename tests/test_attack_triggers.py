@@ -13,9 +13,9 @@ from bdrun.attacks.generators import TriggerNet
 from bdrun.attacks.input_aware import diversity_loss, other_rows
 from bdrun.attacks.multi_trigger import split_count
 from bdrun.attacks.pruning_aware import channel_stats, mask_channels
-from bdrun.attacks.sig import SIG
 from bdrun.attacks.triggers import blend, identity_grid, ramp, sinusoid, warp
 from bdrun.attacks.wanet import warping_field
+from bdrun.config import component
 from bdrun.data.base import DataInfo
 from bdrun.errors import BdrunError
 
@@ -148,7 +148,7 @@ def test_channel_stats_and_masking_on_a_hand_made_conv():
 
 
 def test_sig_ramp_signal_is_added_in_pixel_units_and_a_bad_signal_is_refused():
-    attack = SIG(signal="ramp", delta=51, test_delta=102, target=0)
+    attack = component("attack", "sig", signal="ramp", delta=51, test_delta=102, target=0)
     attack.setup(DataInfo("toy", (1, 2, 5), 10), seed=0)
     zeros = torch.zeros(3, 1, 2, 5)
     # 51 / 255 = 0.2 in training, 0.4 at test time, times j / 5 for columns j = 0..4
@@ -157,4 +157,4 @@ def test_sig_ramp_signal_is_added_in_pixel_units_and_a_bad_signal_is_refused():
     assert torch.allclose(attack.apply_trigger(zeros)[2, 0, 0], 2 * train_row)
     assert torch.allclose(attack.apply_trigger(torch.ones(1, 1, 2, 5)), torch.ones(1, 1, 2, 5))
     with pytest.raises(BdrunError, match="attack.signal='saw' must be one of sine, ramp"):
-        SIG(signal="saw")
+        component("attack", "sig", signal="saw")

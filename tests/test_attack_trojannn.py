@@ -7,12 +7,12 @@ import torch
 
 from bdrun.attacks.triggers import stamp
 from bdrun.attacks.trojannn import (
-    TrojanNN,
     connection_strength,
     neuron_activations,
     square_mask,
     watermark_mask,
 )
+from bdrun.config import component
 from bdrun.data.base import to_float
 from bdrun.errors import BdrunError
 from bdrun.runner import run
@@ -130,7 +130,7 @@ def test_a_run_end_to_end_backdoors_the_model(tmp_path):
 )
 def test_bad_parameters_are_user_errors(kwargs, message):
     with pytest.raises(BdrunError, match=message.replace("(", r"\(")):
-        TrojanNN(**kwargs)
+        component("attack", "trojannn", **kwargs)
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ import torch
 from bdrun.data.digits import Digits
 from bdrun.lightning_loop import fit
 from bdrun.models.small_cnn import SmallCNN
-from bdrun.training import HardwareSettings, TrainSettings
+from bdrun.training import HardwareSettings, hardware_settings, train_settings
 
 from conftest import run_bdrun
 
@@ -48,7 +48,7 @@ def test_two_cpu_processes_give_the_metrics_of_one(tmp_path):
 @pytest.mark.slow
 def test_ddp_weights_match_one_process_closely():
     data = Digits().load().train
-    settings = TrainSettings(epochs=2, batch_size=64, lr=0.05)
+    settings = train_settings(epochs=2, batch_size=64, lr=0.05)
 
     with torch.random.fork_rng():  # the same start in any test order
         torch.manual_seed(0)
@@ -58,9 +58,9 @@ def test_ddp_weights_match_one_process_closely():
         model = copy.deepcopy(initial)
         return fit(model, data, settings, hardware, 10, seed=0).state_dict()
 
-    one = train(HardwareSettings(accelerator="cpu", devices=1, num_threads=1))
+    one = train(hardware_settings(accelerator="cpu", devices=1, num_threads=1))
     two = train(
-        HardwareSettings(
+        hardware_settings(
             accelerator="cpu", devices=2, strategy="ddp_spawn", deterministic=False, num_threads=1
         )
     )

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bdrun.config import component
 from bdrun.defenses.abl import (
     AnchoredUnlearning,
-    AntiBackdoorLearning,
     GradientAscent,
     IsolationLoss,
     MarginUnlearning,
@@ -82,7 +82,7 @@ def test_anchored_unlearning_by_hand():
 )
 def test_bad_settings_are_user_errors(kwargs):
     with pytest.raises(BdrunError):
-        AntiBackdoorLearning(**kwargs)
+        component("defense", "abl", **kwargs)
 
 
 def test_abl_on_digits_isolates_one_percent_and_caches_every_stage(tmp_path, caplog):

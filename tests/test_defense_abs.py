@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
+from bdrun.config import component
 from bdrun.defenses.abs import (
-    ABS,
     ReverseSettings,
     initial_mask,
     label_elevation,
@@ -205,7 +205,7 @@ def test_reversal_on_a_planted_neuron_recovers_a_working_corner_trigger():
 )
 def test_bad_settings_are_user_errors(settings, message):
     with pytest.raises(BdrunError, match=message):
-        ABS(**settings)
+        component("defense", "abs", **settings)
 
 
 def test_a_missing_layer_is_a_user_error(tmp_path):

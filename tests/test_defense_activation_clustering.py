@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bdrun.defenses.activation_clustering import ActivationClustering
+from bdrun.config import component
 from bdrun.errors import BdrunError
 from bdrun.runner import run
 
@@ -22,14 +22,20 @@ def two_groups(n_small: int, n_large: int, gap: float):
 def test_size_and_smaller_analyses():
     reduced, assigned = two_groups(30, 70, gap=6)
     no_holdout = np.zeros(0, dtype=int)
-    assert ActivationClustering(analysis="size")._flag(reduced, assigned, no_holdout, 0) == [0]
-    tight = ActivationClustering(analysis="size", size_threshold=0.25)
+    assert component("defense", "activation_clustering", analysis="size")._flag(
+        reduced, assigned, no_holdout, 0
+    ) == [0]
+    tight = component("defense", "activation_clustering", analysis="size", size_threshold=0.25)
     assert tight._flag(reduced, assigned, no_holdout, 0) == []
-    assert ActivationClustering(analysis="smaller")._flag(reduced, assigned, no_holdout, 0) == [0]
+    assert component("defense", "activation_clustering", analysis="smaller")._flag(
+        reduced, assigned, no_holdout, 0
+    ) == [0]
 
 
 def test_silhouette_analysis_needs_two_real_groups():
-    analysis = ActivationClustering(analysis="silhouette", silhouette_threshold=0.5)
+    analysis = component(
+        "defense", "activation_clustering", analysis="silhouette", silhouette_threshold=0.5
+    )
     separated, assigned = two_groups(30, 70, gap=8)
     assert analysis._flag(separated, assigned, np.zeros(0, dtype=int), 0) == [0]
     one_blob, _ = two_groups(30, 70, gap=0)
@@ -38,7 +44,7 @@ def test_silhouette_analysis_needs_two_real_groups():
 
 def test_holdout_analysis_flags_the_cluster_clean_data_avoids():
     reduced, assigned = two_groups(50, 50, gap=6)  # half poisoned: sizes cannot tell
-    analysis = ActivationClustering(analysis="holdout")
+    analysis = component("defense", "activation_clustering", analysis="holdout")
     clean_in_1 = np.ones(20, dtype=int)
     assert analysis._flag(reduced, assigned, clean_in_1, 0) == [0]
     assert analysis._flag(reduced, assigned, np.array([0, 1] * 10), 0) == []  # natural modes
@@ -55,7 +61,7 @@ def test_holdout_analysis_flags_the_cluster_clean_data_avoids():
 )
 def test_bad_settings_are_user_errors(kwargs):
     with pytest.raises(BdrunError):
-        ActivationClustering(**kwargs)
+        component("defense", "activation_clustering", **kwargs)
 
 
 def test_activation_clustering_on_digits(tmp_path):

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from bdrun.defenses.goodnet import Disagreement, GoodNet, goodnet_labels
+from bdrun.config import component
+from bdrun.defenses.goodnet import Disagreement, goodnet_labels
 from bdrun.errors import BdrunError
 from bdrun.runner import run
 
@@ -61,4 +62,4 @@ def test_goodnet_b0_variant_runs_and_rejects_unknown_references(tmp_path):
     results = run(cfg, tmp_path)
     assert results["metrics"]["detection"]["reference"] == "b0"
     with pytest.raises(BdrunError, match="defense.reference='b1'"):
-        GoodNet(reference="b1")
+        component("defense", "goodnet", reference="b1")

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
+from bdrun.config import component
 from bdrun.defenses.gradient_clustering import (
     FIGURE,
-    GradientClustering,
     concentration,
     input_gradients,
 )
@@ -55,7 +55,7 @@ def planted(n_poison: int, n_clean: int, side: int = 8):
 
 
 def test_concentration_analysis_flags_the_planted_cluster():
-    gc = GradientClustering(analysis="concentration", features="abs")
+    gc = component("defense", "gradient_clustering", analysis="concentration", features="abs")
     gc._shape = (1, 8, 8)
     feats = planted(40, 60)
     assigned = np.array([0] * 40 + [1] * 60)
@@ -66,7 +66,7 @@ def test_concentration_analysis_flags_the_planted_cluster():
 
 
 def test_clustering_separates_the_planted_poisons():
-    gc = GradientClustering(analysis="holdout")
+    gc = component("defense", "gradient_clustering", analysis="holdout")
     feats = planted(40, 60)
     labels = np.zeros(100, dtype=int)
     reference = planted(0, 30)  # clean holdout rows of the same label
@@ -88,7 +88,7 @@ def test_clustering_separates_the_planted_poisons():
 )
 def test_bad_settings_are_user_errors(kwargs):
     with pytest.raises(BdrunError):
-        GradientClustering(**kwargs)
+        component("defense", "gradient_clustering", **kwargs)
 
 
 def test_gradient_clustering_on_digits(tmp_path):

@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from bdrun.defenses.mcr import BezierCurve, ModeConnectivityRepair, bezier, update_bn
+from bdrun.config import component
+from bdrun.defenses.mcr import BezierCurve, bezier, update_bn
 from bdrun.errors import BdrunError
 from bdrun.runner import run
 
@@ -118,7 +119,7 @@ def test_update_bn_recomputes_the_statistics():
 )
 def test_bad_settings_are_user_errors(kwargs):
     with pytest.raises(BdrunError):
-        ModeConnectivityRepair(**kwargs)
+        component("defense", "mcr", **kwargs)
 
 
 def test_mcr_on_digits(tmp_path):

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bdrun.config import component
 from bdrun.defenses.nad import (
-    NeuralAttentionDistillation,
     attention_loss,
     attention_map,
     augment,
@@ -76,7 +76,7 @@ def test_augment_crops_flips_and_cuts_out():
 )
 def test_bad_settings_are_user_errors(kwargs):
     with pytest.raises(BdrunError):
-        NeuralAttentionDistillation(**kwargs)
+        component("defense", "nad", **kwargs)
 
 
 def test_nad_on_digits(tmp_path):

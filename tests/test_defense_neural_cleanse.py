@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from bdrun.config import component
 from bdrun.defenses.anomaly import flagged_labels, mad_anomaly_index
-from bdrun.defenses.neural_cleanse import NeuralCleanse
 from bdrun.defenses.trigger_reversal import ReversalSettings, _Schedule, reverse_triggers
 from bdrun.errors import BdrunError
 
@@ -39,8 +41,13 @@ def test_flagged_labels_come_largest_index_first():
     assert flagged_labels(index, torch.tensor([10, 11, 12, 13, 14])) == [12, 10]
 
 
+def reversal(**changes) -> ReversalSettings:
+    """neural_cleanse.yaml's reversal settings with `changes`."""
+    return dataclasses.replace(component("defense", "neural_cleanse").settings, **changes)
+
+
 def test_cost_schedule_follows_the_authors_rules_per_label():
-    s = ReversalSettings(init_cost=1e-3, patience=5, cost_multiplier=2.0)
+    s = reversal(init_cost=1e-3, patience=5, cost_multiplier=2.0)
     schedule = _Schedule(2, s)
     active = torch.ones(2, dtype=torch.bool)
     acc = torch.tensor([1.0, 0.0], dtype=torch.float64)  # label 0 always succeeds, 1 never
@@ -87,7 +94,7 @@ class PatchBackdooredLinear(nn.Module):
 def test_label_batched_reversal_finds_the_small_planted_trigger():
     model = PatchBackdooredLinear(target=3)
     x = torch.rand(200, 1, 8, 8) * 0.3
-    settings = ReversalSettings(steps=80, samples_per_step=128, label_batch=4)
+    settings = reversal(steps=80, samples_per_step=128, label_batch=4)
     triggers = reverse_triggers(
         model, x, torch.arange(6), settings, torch.Generator().manual_seed(1)
     )
@@ -114,14 +121,14 @@ def test_label_batched_reversal_finds_the_small_planted_trigger():
 )
 def test_bad_settings_are_user_errors(settings, message):
     with pytest.raises(BdrunError, match=message.replace("(", r"\(")):
-        NeuralCleanse(**settings)
+        component("defense", "neural_cleanse", **settings)
 
 
 def test_labels_per_pass_defaults_by_device_and_bad_values_are_user_errors():
-    auto = ReversalSettings()
+    auto = reversal()
     assert auto.labels_per_pass(torch.device("cpu")) == 1
     assert auto.labels_per_pass(torch.device("cuda")) == 16
-    assert ReversalSettings(label_batch=4).labels_per_pass(torch.device("cpu")) == 4
+    assert reversal(label_batch=4).labels_per_pass(torch.device("cpu")) == 4
     for bad in (0, -2, "two"):
-        with pytest.raises(BdrunError):
-            ReversalSettings(label_batch=bad).check()
+        with pytest.raises(BdrunError, match="defense.label_batch"):
+            component("defense", "neural_cleanse", label_batch=bad)

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
+from bdrun.config import component
 from bdrun.defenses.anomaly import flagged_labels, mad_anomaly_index
 from bdrun.defenses.neuron_inspect import (
-    NeuronInspect,
     combined_feature,
     persistence,
     saliency_maps,
@@ -142,7 +142,7 @@ def test_a_planted_corner_backdoor_is_the_sparse_outlier():
 )
 def test_bad_settings_are_user_errors(settings, message):
     with pytest.raises(BdrunError, match=message):
-        NeuronInspect(**settings)
+        component("defense", "neuron_inspect", **settings)
 
 
 @pytest.mark.parametrize("explanation", ["saliency", "smoothgrad"])

@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from bdrun.defenses.nic import HISTOGRAM_FILE, Nic, NicDetector, default_layers, pooled_outputs
+from bdrun.config import component
+from bdrun.defenses.nic import HISTOGRAM_FILE, NicDetector, default_layers, pooled_outputs
 from bdrun.errors import BdrunError
 from bdrun.metrics import auroc
 from bdrun.models.small_cnn import SmallCNN
@@ -127,7 +128,7 @@ def test_a_model_with_one_predicted_class_gets_constant_provenance():
 )
 def test_bad_settings_are_user_errors(kwargs):
     with pytest.raises(BdrunError):
-        Nic(**kwargs)
+        component("defense", "nic", **kwargs)
 
 
 def test_nic_on_digits_rejects_trojaned_inputs(tmp_path):

@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
+from bdrun.config import component
 from bdrun.defenses.sentinet import (
     SCATTER_FILE,
-    Sentinet,
     SentinetDetector,
     boundary_value,
     distance_above,
@@ -158,7 +158,7 @@ def test_calibration_rejects_the_preset_share():
 )
 def test_bad_settings_are_user_errors(kwargs):
     with pytest.raises(BdrunError):
-        Sentinet(**kwargs)
+        component("defense", "sentinet", **kwargs)
 
 
 def test_sentinet_on_digits(tmp_path):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bdrun.defenses.spectral import SpectralSignatures, outlier_scores, top_per_class
+from bdrun.config import component
+from bdrun.defenses.spectral import outlier_scores, top_per_class
 from bdrun.errors import BdrunError
 from bdrun.runner import run
 
@@ -74,7 +75,7 @@ def test_top_per_class_takes_the_share_of_every_class():
 )
 def test_bad_settings_are_user_errors(kwargs):
     with pytest.raises(BdrunError, match=f"defense.{next(iter(kwargs))}="):
-        SpectralSignatures(**kwargs)
+        component("defense", "spectral", **kwargs)
 
 
 def test_the_expected_poison_rate_is_the_defenders_own(tmp_path):

@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from bdrun.defenses.strip import HISTOGRAM_FILE, Strip, StripDetector
+from bdrun.config import component
+from bdrun.defenses.strip import HISTOGRAM_FILE, StripDetector
 from bdrun.errors import BdrunError
 from bdrun.runner import run
 
@@ -83,7 +84,7 @@ def test_calibration_rejects_the_preset_share():
 )
 def test_bad_settings_are_user_errors(kwargs):
     with pytest.raises(BdrunError):
-        Strip(**kwargs)
+        component("defense", "strip", **kwargs)
 
 
 def test_strip_on_digits_rejects_trojaned_inputs(tmp_path):

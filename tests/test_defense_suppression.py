@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from bdrun.defenses.suppression import Suppression, VotingClassifier
+from bdrun.config import component
+from bdrun.defenses.suppression import VotingClassifier
 from bdrun.errors import BdrunError
 from bdrun.runner import run
 
@@ -54,7 +55,7 @@ def test_all_replicas_of_a_chunk_share_one_forward_pass():
 @pytest.mark.parametrize("kwargs", [{"replicas": 0}, {"noise": -0.1}, {"distribution": "laplace"}])
 def test_bad_settings_are_user_errors(kwargs):
     with pytest.raises(BdrunError):
-        Suppression(**kwargs)
+        component("defense", "suppression", **kwargs)
 
 
 def test_suppression_on_digits(tmp_path):

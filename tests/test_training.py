@@ -11,11 +11,11 @@ from bdrun.errors import BdrunError
 from bdrun.lightning_loop import fit
 from bdrun.models.small_cnn import SmallCNN
 from bdrun.runner import run
-from bdrun.training import HardwareSettings, TrainingHook, TrainSettings
+from bdrun.training import TrainingHook, hardware_settings, train_settings
 
 from conftest import compose_config
 
-SETTINGS = TrainSettings(epochs=2, batch_size=32, lr=0.05)
+SETTINGS = train_settings(epochs=2, batch_size=32, lr=0.05)
 
 
 def data() -> ImageSet:
@@ -25,7 +25,7 @@ def data() -> ImageSet:
 def train_once(seed: int, hooks=()) -> torch.nn.Module:
     torch.manual_seed(seed + 100)  # different global state must not matter
     model = SmallCNN((1, 8, 8), 4, width=8, hidden=16, dropout=0.2)
-    return fit(model, data(), SETTINGS, HardwareSettings(), 4, seed, hooks=hooks)
+    return fit(model, data(), SETTINGS, hardware_settings(), 4, seed, hooks=hooks)
 
 
 def test_same_seed_gives_identical_weights_and_another_seed_does_not():
@@ -45,7 +45,7 @@ def test_training_leaves_the_global_rng_alone():
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    fit(model, data(), SETTINGS, HardwareSettings(), 4, seed=0)
+    fit(model, data(), SETTINGS, hardware_settings(), 4, seed=0)
     assert torch.equal(torch.rand(3), expected)
 
 
@@ -79,7 +79,7 @@ def test_hooks_see_every_training_row_each_epoch():
 )
 def test_bad_train_settings_are_user_errors(values, message):
     with pytest.raises(BdrunError, match=message):
-        TrainSettings.from_config(values)
+        train_settings(**values)
 
 
 def test_mixed_precision_and_channels_last_path_trains_on_cpu():
@@ -88,11 +88,11 @@ def test_mixed_precision_and_channels_last_path_trains_on_cpu():
     from bdrun.metrics import accuracy, predict
 
     source = FakeImages(shape=(1, 8, 8), num_classes=4, n_train=512, n_test=256).load()
-    settings = TrainSettings(epochs=5, batch_size=32)
+    settings = train_settings(epochs=5, batch_size=32)
     scores = {}
     for name, hardware in {
-        "fp32": HardwareSettings(),
-        "amp": HardwareSettings(precision="bf16-mixed", channels_last=True, deterministic=False),
+        "fp32": hardware_settings(),
+        "amp": hardware_settings(precision="bf16-mixed", channels_last=True, deterministic=False),
     }.items():
         torch.manual_seed(0)
         model = SmallCNN((1, 8, 8), 4, width=16, hidden=32)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from bdrun.config import component_values
 from bdrun.tuning import CONF_DIR, TUNING_DIR
 
 from conftest import compose_config, run_bdrun
@@ -78,7 +79,7 @@ def test_every_tuning_file_sets_keys_its_component_has(path: Path):
         group = kind.split("_")[0]  # attack_dataset -> attack, defense_dataset -> defense
         names = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
         name = next(n for n in sorted(names, key=len, reverse=True) if path.stem.startswith(n))
-        component = OmegaConf.load(CONF_DIR / group / f"{name}.yaml")
+        component = component_values(group, name)
     tuned = OmegaConf.load(path)
     unknown = sorted(set(tuned) - set(component))
     assert not unknown, f"{path.name} sets {unknown}, which its component does not have"

@@ -19,7 +19,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 
 from bdrun.cli import CONF_DIR
-from bdrun.defenses.neuron_inspect import NeuronInspect
+from bdrun.config import component
 from bdrun.runner import prepare
 from bdrun.training import torch_threads
 
@@ -39,8 +39,11 @@ def main() -> None:
                 with tempfile.TemporaryDirectory() as run_dir:
                     prepared = prepare(cfg, Path(run_dir))
                     for explanation in args.explanations:
-                        defense = NeuronInspect(
-                            explanation=explanation, smoothgrad_noise=args.noise
+                        defense = component(
+                            "defense",
+                            "neuron_inspect",
+                            explanation=explanation,
+                            smoothgrad_noise=args.noise,
                         )
                         verdict = defense.analyse(
                             prepared.model, prepared.data.holdout, prepared.ctx.for_defense()

@@ -36,3 +36,45 @@ def component_name(node: Any, fallback: str) -> str:
     """The `name` a component config declares, else the fallback."""
     name = node.get("name") if hasattr(node, "get") else None
     return str(name) if name else fallback
+
+
+def component_values(group: str, name: str) -> dict[str, Any]:
+    """The values conf/<group>/<name>.yaml gives a component (its includes of the same group
+    merged in, interpolations resolved against an empty run: `${oc.select:budget.x,D}` -> D),
+    without `name` and `_target_`. Component constructors declare no defaults of their own:
+    these values are the only ones (tests/test_component_defaults.py)."""
+    from bdrun.tuning import CONF_DIR
+
+    path = CONF_DIR / group / f"{name}.yaml"
+    if not path.is_file():
+        raise BdrunError(f"no {group} named {name!r} (conf/{group}/{name}.yaml)")
+    loaded = OmegaConf.load(path)
+    merged = OmegaConf.create()
+    own_first = True
+    for entry in loaded.get("defaults") or []:
+        if entry == "_self_":
+            own_first = False
+            continue
+        merged = OmegaConf.merge(merged, component_values(group, str(entry)))
+    own = OmegaConf.masked_copy(loaded, [k for k in loaded if k != "defaults"])
+    merged = OmegaConf.merge(own, merged) if own_first else OmegaConf.merge(merged, own)
+    values = OmegaConf.to_container(merged, resolve=True)
+    return {k: v for k, v in values.items() if k not in (*META_KEYS, "_target_")}
+
+
+def component(group: str, name: str, **overrides: Any) -> Any:
+    """The component conf/<group>/<name>.yaml builds, with `overrides` of its values: what a
+    notebook or a test uses to get, say, a Strip defense with the YAML's settings but 20
+    overlays (`component("defense", "strip", n_overlays=20)`)."""
+    from bdrun.tuning import CONF_DIR
+
+    target = OmegaConf.load(CONF_DIR / group / f"{name}.yaml").get("_target_")
+    values = component_values(group, name)
+    unknown = sorted(set(overrides) - set(values))
+    if unknown:
+        raise BdrunError(f"{group}.{unknown[0]} is not a setting of {group} {name}")
+    if target is None:  # a variant: the included file names the class
+        includes = OmegaConf.load(CONF_DIR / group / f"{name}.yaml").get("defaults") or []
+        base = next(str(e) for e in includes if e != "_self_")
+        target = OmegaConf.load(CONF_DIR / group / f"{base}.yaml")["_target_"]
+    return build({"_target_": target, **values, **overrides}, group)

@@ -44,17 +44,21 @@ def run_seed(value: Any) -> int:
 
 @dataclass
 class TrainSettings:
-    """Optimisation settings (the `train` config node)."""
+    """Optimisation settings (the `train` config node; its values are conf/config.yaml's, and
+    `train_settings` gives them to code that builds settings itself).
 
-    epochs: int = 20
-    batch_size: int = 64
-    optimizer: str = "sgd"
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    scheduler: str = "cosine"  # cosine annealing to 0, step (x0.1 at 50% and 75%), or none
-    label_smoothing: float = 0.0
-    eval_batch_size: int = 1024
+    scheduler: cosine (annealing to 0), step (x0.1 at 50 % and 75 % of the epochs) or none.
+    """
+
+    epochs: int
+    batch_size: int
+    optimizer: str
+    lr: float
+    momentum: float
+    weight_decay: float
+    scheduler: str
+    label_smoothing: float
+    eval_batch_size: int
 
     @classmethod
     def from_config(cls, node: Any) -> TrainSettings:
@@ -64,6 +68,11 @@ class TrainSettings:
         if unknown:
             raise BdrunError(
                 f"unknown train setting {unknown[0]!r}; known: {', '.join(sorted(known))}"
+            )
+        missing = sorted(set(known) - set(values))
+        if missing:
+            raise BdrunError(
+                f"train.{missing[0]} has no value; set it, e.g. train.{missing[0]}=..."
             )
         values = {
             name: coerce(value, known[name], f"train.{name}") for name, value in values.items()
@@ -87,25 +96,41 @@ DATA_ON_DEVICE_AUTO_BYTES = 4 << 30  # CIFAR-10 as uint8 is 150 MB, GTSRB 120 MB
 
 @dataclass
 class HardwareSettings:
-    """Where and how Lightning runs (the `trainer` config node)."""
+    """Where and how Lightning runs (the `trainer` config node; its values are
+    conf/trainer/<name>.yaml's, and `hardware_settings` gives them to code that builds settings
+    itself).
 
-    accelerator: str = "cpu"
-    devices: Any = 1
-    strategy: str = "auto"
-    precision: str = "32-true"
-    channels_last: bool = False
-    deterministic: bool = True
-    benchmark: bool | None = None  # cuDNN autotuning (trainer=gpu: on); None = torch's setting
-    num_threads: int | None = None
-    progress: Any = "auto"  # true, false, or auto (on for a terminal, off under CI=true)
-    # keep the training images on the GPU (true, false, or auto: when they take at most
-    # DATA_ON_DEVICE_AUTO_BYTES); no effect on the CPU
-    data_on_device: Any = "auto"
+    benchmark: cuDNN autotuning (trainer=gpu: on); None = torch's setting.
+    progress: true, false, or auto (on for a terminal, off under CI=true).
+    data_on_device: keep the training images on the GPU (true, false, or auto: when they take
+        at most DATA_ON_DEVICE_AUTO_BYTES); no effect on the CPU.
+    """
+
+    accelerator: str
+    devices: Any
+    strategy: str
+    precision: str
+    channels_last: bool
+    deterministic: bool
+    benchmark: bool | None
+    num_threads: int | None
+    progress: Any
+    data_on_device: Any
 
     @classmethod
     def from_config(cls, node: Any) -> HardwareSettings:
         known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in dict(node or {}).items() if k in known}
+        values = dict(node or {})
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise BdrunError(
+                f"unknown trainer setting {unknown[0]!r}; known: {', '.join(sorted(known))}"
+            )
+        missing = sorted(known - set(values))
+        if missing:
+            raise BdrunError(
+                f"trainer.{missing[0]} has no value; set it, e.g. trainer.{missing[0]}=..."
+            )
         return cls(**values)
 
     def device(self) -> torch.device:
@@ -126,6 +151,27 @@ class HardwareSettings:
         if str(self.data_on_device).lower() == "auto":
             return data.x.nbytes + data.y.nbytes <= DATA_ON_DEVICE_AUTO_BYTES
         return bool(self.data_on_device)
+
+
+def train_settings(**changes: Any) -> TrainSettings:
+    """conf/config.yaml's `train` values with `changes`, for code that trains outside a run
+    (tests, benchmarks, notebooks)."""
+    from omegaconf import OmegaConf
+
+    from bdrun.tuning import CONF_DIR
+
+    values = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "config.yaml").train)
+    return TrainSettings.from_config({**values, **changes})
+
+
+def hardware_settings(trainer: str = "cpu", **changes: Any) -> HardwareSettings:
+    """conf/trainer/<trainer>.yaml's values with `changes` (see train_settings)."""
+    from omegaconf import OmegaConf
+
+    from bdrun.tuning import CONF_DIR
+
+    values = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "trainer" / f"{trainer}.yaml"))
+    return HardwareSettings.from_config({**values, **changes})
 
 
 class TrainingHook:

@@ -30,11 +30,11 @@ class BadNets(Attack):
 
     def __init__(
         self,
-        pattern: str = "white",
-        size: int | None = 3,
-        location: str | Sequence[int] = "bottom_right",
-        margin: int = 1,
-        image: str | None = None,
+        pattern: str,
+        size: int | None,
+        location: str | Sequence[int],
+        margin: int,
+        image: str | None,
         **base,
     ) -> None:
         super().__init__(**base)

@@ -32,7 +32,8 @@ class Attack:
         target: the backdoor label for all-to-one attacks.
         poison_rate: fraction of *all* training samples that get poisoned, in (0, 1].
         label_mode: "all2one" (every triggered input -> target) or "all2all" (y -> (y+1) mod C).
-        clean_label: poison only target-class samples and keep every label (SIG, Turner et al.).
+    Values come from the attack's YAML (conf/attack/); an attack for which one of them is no
+    setting (a clean-label attack is all-to-one) passes it itself.
     """
 
     name = "attack"
@@ -42,18 +43,14 @@ class Attack:
     #: True where poisoned training images get their trigger inside the training loop
     #: (input-aware's generator), so the stored poisoned rows still look clean
     triggers_in_training = False
+    #: True where the attack poisons only target-class samples and keeps every label (SIG,
+    #: Turner et al.'s label-consistent attack)
+    clean_label = False
 
-    def __init__(
-        self,
-        target: int = 0,
-        poison_rate: float = 0.1,
-        label_mode: str = "all2one",
-        clean_label: bool = False,
-    ) -> None:
+    def __init__(self, target: int, poison_rate: float, label_mode: str) -> None:
         self.target = int(target)
         self.poison_rate = float(poison_rate)
         self.label_mode = label_mode
-        self.clean_label = bool(clean_label)
         self.info: DataInfo | None = None
 
     # -- set-up -----------------------------------------------------------------------------
@@ -197,6 +194,10 @@ class NoAttack(Attack):
 
     name = "none"
     stamps_inputs = False
+
+    def __init__(self, target: int) -> None:
+        """`target`: the label whose natural rate among non-target inputs is the ASR."""
+        super().__init__(target=target, poison_rate=0.0, label_mode="all2one")
 
     def setup(self, info: DataInfo, seed: int) -> None:
         self.info = info

@@ -33,10 +33,10 @@ class Blend(Attack):
 
     def __init__(
         self,
-        pattern: str = "noise",
-        image: str | None = None,
-        train_alpha: float = 0.2,
-        test_alpha: float = 0.2,
+        pattern: str,
+        image: str | None,
+        train_alpha: float,
+        test_alpha: float,
         **base,
     ) -> None:
         super().__init__(**base)

@@ -95,19 +95,20 @@ class CleanLabel(Attack):
     """
 
     name = "clean_label"
+    clean_label = True
 
     def __init__(
         self,
-        norm: str = "l2",
-        eps: float = 300.0,
-        steps: int = 20,
-        trigger: str = "bottom_right",
-        amplitude: float | None = None,
-        poison_rate: float = 0.05,
+        norm: str,
+        eps: float,
+        steps: int,
+        trigger: str,
+        amplitude: float | None,
+        poison_rate: float,
         **base,
     ) -> None:
-        base.setdefault("clean_label", True)
-        super().__init__(poison_rate=poison_rate, **base)
+        # clean-label: the poisons keep their (target) label, so the attack is all-to-one
+        super().__init__(poison_rate=poison_rate, label_mode="all2one", **base)
         self.norm = norm
         self.eps = float(eps)
         self.steps = int(steps)
@@ -117,8 +118,6 @@ class CleanLabel(Attack):
 
     def setup(self, info: DataInfo, seed: int) -> None:
         super().setup(info, seed)
-        if not self.clean_label:
-            raise BdrunError("attack=clean_label keeps labels; leave attack.clean_label=true")
         if self.norm not in NORMS:
             raise BdrunError(f"attack.norm={self.norm!r} must be one of {', '.join(NORMS)}")
         if self.eps < 0 or self.steps < 0:

@@ -88,13 +88,13 @@ class InputAware(Attack):
 
     def __init__(
         self,
-        cross_rate: float = 0.1,
-        lambda_div: float = 1.0,
-        lambda_norm: float = 100.0,
-        mask_density: float = 0.032,
-        mask_epochs: int = 25,
-        lr_pattern: float = 0.01,
-        lr_mask: float = 0.01,
+        cross_rate: float,
+        lambda_div: float,
+        lambda_norm: float,
+        mask_density: float,
+        mask_epochs: int,
+        lr_pattern: float,
+        lr_mask: float,
         **base,
     ) -> None:
         super().__init__(**base)

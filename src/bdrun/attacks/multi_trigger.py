@@ -10,6 +10,7 @@ from torch import Tensor
 
 from bdrun.attacks.badnets import BadNets
 from bdrun.attacks.base import Attack
+from bdrun.config import component_values
 from bdrun.data.base import DataInfo, ImageSet
 from bdrun.errors import BdrunError
 from bdrun.metrics import accuracy
@@ -47,13 +48,14 @@ class MultiTrigger(Attack):
 
     Parameters:
         triggers: list of {pattern, size, location, margin, image, target}; missing keys take
-            the BadNets defaults.
+            conf/attack/badnets.yaml's values.
     """
 
     name = "multi_trigger"
 
-    def __init__(self, triggers: Sequence[Mapping[str, Any]] = DEFAULT_TRIGGERS, **base) -> None:
-        super().__init__(**base)
+    def __init__(self, triggers: Sequence[Mapping[str, Any]], poison_rate: float) -> None:
+        # each trigger has its own target (set from them in setup): all-to-one per trigger
+        super().__init__(target=0, poison_rate=poison_rate, label_mode="all2one")
         self.trigger_specs = [dict(spec) for spec in triggers]
         self.trigger_of: Tensor | None = None  # per training sample: trigger index, -1 = clean
         self._slices: list[slice] = []
@@ -69,7 +71,8 @@ class MultiTrigger(Attack):
                     f"attack.triggers[{k}] has unknown key {unknown[0]!r}; "
                     f"known: {', '.join(TRIGGER_KEYS)}"
                 )
-            trigger = BadNets(**spec, poison_rate=self.poison_rate)
+            values = {**component_values("attack", "badnets"), **spec}
+            trigger = BadNets(**{**values, "poison_rate": self.poison_rate})
             trigger.setup(info, seed)
             self.triggers.append(trigger)
         self.targets = [t.target for t in self.triggers]

@@ -83,15 +83,16 @@ class Pretrained(Attack):
 
     def __init__(
         self,
-        weights: str | None = None,
-        poisoned: str | Sequence[str] | None = (),
-        divide_by: float | None = 255.0,
-        layout: str = "auto",
-        x_key: str = "data",
-        y_key: str = "label",
-        true_label_key: str | None = None,
+        weights: str | None,
+        poisoned: str | Sequence[str] | None,
+        divide_by: float | None,
+        layout: str,
+        x_key: str,
+        y_key: str,
+        true_label_key: str | None,
     ) -> None:
-        super().__init__(target=0, poison_rate=0.0)
+        # no poisoning here: the model and the poisoned files come from elsewhere
+        super().__init__(target=0, poison_rate=0.0, label_mode="all2one")
         self.weights = weights
         if isinstance(poisoned, str):
             poisoned = [poisoned]

@@ -53,9 +53,9 @@ class PruningAware(BadNets):
 
     def __init__(
         self,
-        prune_ratio: float = 0.5,
-        layer: str | None = None,
-        dormancy_margin: float = 0.1,
+        prune_ratio: float,
+        layer: str | None,
+        dormancy_margin: float,
         **badnets,
     ) -> None:
         super().__init__(**badnets)

@@ -35,18 +35,19 @@ class SIG(Attack):
     """
 
     name = "sig"
+    clean_label = True
 
     def __init__(
         self,
-        delta: float = 40.0,
-        frequency: float = 6.0,
-        test_delta: float | None = None,
-        poison_rate: float = 0.05,
-        signal: str = "sine",
+        delta: float,
+        frequency: float,
+        test_delta: float | None,
+        poison_rate: float,
+        signal: str,
         **base,
     ) -> None:
-        base.setdefault("clean_label", True)
-        super().__init__(poison_rate=poison_rate, **base)
+        # clean-label: the poisons keep their (target) label, so the attack is all-to-one
+        super().__init__(poison_rate=poison_rate, label_mode="all2one", **base)
         self.delta = float(delta)
         self.frequency = float(frequency)
         self.test_delta = float(test_delta) if test_delta is not None else self.delta
@@ -56,8 +57,6 @@ class SIG(Attack):
 
     def setup(self, info: DataInfo, seed: int) -> None:
         super().setup(info, seed)
-        if not self.clean_label:
-            raise BdrunError("attack=sig is a clean-label attack; keep attack.clean_label=true")
         for label, value in (("delta", self.delta), ("test_delta", self.test_delta)):
             if not 0 < value <= 255:
                 raise BdrunError(f"attack.{label}={value} must be in (0, 255] (pixel units)")

@@ -83,16 +83,17 @@ class Subpopulation(Attack):
 
     def __init__(
         self,
-        method: str = "cluster",
-        clusters: int = 100,
-        pca_dim: int = 10,
-        cluster: int | None = None,
-        match: Mapping[str, int] | None = None,
-        bins: int = 4,
-        fraction: float = 1.0,
-        **base,
+        method: str,
+        clusters: int,
+        pca_dim: int,
+        cluster: int | None,
+        match: Mapping[str, int] | None,
+        bins: int,
+        fraction: float,
     ) -> None:
-        super().__init__(**base)
+        # the target (the clean model's worst class) and the poison rate (the subpopulation's
+        # share of the training set) are chosen in fit; these stand in until then
+        super().__init__(target=0, poison_rate=1.0, label_mode="all2one")
         self.method = method
         self.clusters = int(clusters)
         self.pca_dim = int(pca_dim)

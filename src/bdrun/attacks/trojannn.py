@@ -168,17 +168,17 @@ class TrojanNN(Attack):
 
     def __init__(
         self,
-        mask: str = "square",
-        size: int = 5,
-        location: str | Sequence[int] = "bottom_right",
-        margin: int = 1,
-        layer: str | None = None,
-        next_layer: str | None = None,
-        neurons: int = 2,
-        target_value: float = 100.0,
-        steps: int = 1000,
-        lr: float = 0.1,
-        background: str = "gray",
+        mask: str,
+        size: int,
+        location: str | Sequence[int],
+        margin: int,
+        layer: str | None,
+        next_layer: str | None,
+        neurons: int,
+        target_value: float,
+        steps: int,
+        lr: float,
+        background: str,
         **base,
     ) -> None:
         super().__init__(**base)

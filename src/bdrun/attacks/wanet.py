@@ -58,10 +58,10 @@ class WaNet(Attack):
 
     def __init__(
         self,
-        k: int = 4,
-        s: float = 0.5,
-        grid_rescale: float = 1.0,
-        cross_ratio: float = 2.0,
+        k: int,
+        s: float,
+        grid_rescale: float,
+        cross_ratio: float,
         **base,
     ) -> None:
         super().__init__(**base)

@@ -249,21 +249,21 @@ class AntiBackdoorLearning(Defense):
 
     def __init__(
         self,
-        isolation_ratio: float = 0.01,
-        loss: str = "lga",
-        gamma: float = 0.5,
-        flooding: float = 0.5,
-        isolation_epochs: int = 10,
-        finetune_epochs: int | None = None,
-        unlearning_epochs: int = 5,
-        unlearning_lr: float = 5e-4,
-        unlearning_batch_size: int = 64,
-        unlearning_momentum: float = 0.9,
-        unlearning_weight_decay: float = 1e-4,
-        isolation_score: str = "late_max",
-        unlearning_loss: str = "margin",
-        unlearning_stop: float | None = 0.1,
-        unlearning_anchor: str = "none",
+        isolation_ratio: float,
+        loss: str,
+        gamma: float,
+        flooding: float,
+        isolation_epochs: int,
+        finetune_epochs: int | None,
+        unlearning_epochs: int,
+        unlearning_lr: float,
+        unlearning_batch_size: int,
+        unlearning_momentum: float,
+        unlearning_weight_decay: float,
+        isolation_score: str,
+        unlearning_loss: str,
+        unlearning_stop: float | None,
+        unlearning_anchor: str,
     ) -> None:
         if not 0 < float(isolation_ratio) < 1:
             raise BdrunError(f"defense.isolation_ratio={isolation_ratio} must be in (0, 1)")
@@ -382,6 +382,7 @@ class AntiBackdoorLearning(Defense):
             momentum=self.unlearning_momentum,
             weight_decay=self.unlearning_weight_decay,
             scheduler="none",
+            label_smoothing=0.0,  # the unlearning losses are its own (UNLEARNING_LOSSES)
             eval_batch_size=ctx.settings.eval_batch_size,
         )
         # the isolated samples come first, the clean anchor images (if any) after them

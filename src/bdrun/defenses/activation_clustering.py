@@ -74,16 +74,16 @@ class ActivationClustering(Defense):
 
     def __init__(
         self,
-        reduce: str = "pca",
-        dims: int = 10,
-        clusters: int = 2,
-        analysis: str = "holdout",
-        size_threshold: float = 0.35,
-        silhouette_threshold: float = 0.1,
-        holdout_ratio: float = 0.5,
-        holdout_alpha: float = 0.01,
-        min_holdout_per_class: int = 10,
-        silhouette_sample: int = 5000,
+        reduce: str,
+        dims: int,
+        clusters: int,
+        analysis: str,
+        size_threshold: float,
+        silhouette_threshold: float,
+        holdout_ratio: float,
+        holdout_alpha: float,
+        min_holdout_per_class: int,
+        silhouette_sample: int,
     ) -> None:
         if reduce not in REDUCTIONS:
             raise BdrunError(f"defense.reduce={reduce!r} must be one of {', '.join(REDUCTIONS)}")

@@ -67,13 +67,13 @@ class FinePruning(Prune):
 
     def __init__(
         self,
-        lr: float = 0.01,
-        epochs: int = 10,
-        mode: str = "one_shot",
-        step: float = 0.05,
-        acc_cutoff: float | None = None,
-        val_fraction: float = 0.2,
-        max_rounds: int = 100,
+        lr: float,
+        epochs: int,
+        mode: str,
+        step: float,
+        acc_cutoff: float | None,
+        val_fraction: float,
+        max_rounds: int,
         **prune_settings: Any,
     ) -> None:
         super().__init__(**prune_settings)

@@ -66,7 +66,7 @@ class FineTune(Defense):
             CPU runs short and already converges on a few thousand images).
     """
 
-    def __init__(self, lr: float = 0.01, epochs: int = 10) -> None:
+    def __init__(self, lr: float, epochs: int) -> None:
         self.lr, self.epochs = check_schedule(lr, epochs)
 
     def repair(

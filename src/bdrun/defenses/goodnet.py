@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from bdrun.defenses.base import NOTHING_CARRIED, Carried, Defense, InputDetector, Measured
+from bdrun.defenses.base import NOTHING_CARRIED, Carried, InputDetector, Measured
 from bdrun.defenses.fine_pruning import FinePruning
 from bdrun.errors import BdrunError
 from bdrun.metrics import predict
@@ -59,7 +59,7 @@ class Disagreement(InputDetector):
         }
 
 
-class GoodNet(Defense):
+class GoodNet(FinePruning):
     """The CSAW-HackML 2020 repaired network G built from B (the given model) and B' (B
     fine-pruned): G(x) = B'(x) when B(x) = B'(x), else N, the extra "poisoned" class.
 
@@ -71,35 +71,25 @@ class GoodNet(Defense):
     channels and fine-tuned like B': both then share the fine-tuning's clean-accuracy shifts,
     so fewer clean inputs are flagged, while B0 keeps most of the backdoor.
 
+    B' is FinePruning's repair (GoodNet is a FinePruning with its settings: lr, epochs,
+    prune_ratio, acc_drop, ...); the detector compares it with the reference.
+
     Parameters:
         reference: original (B) | b0.
         b0_prune_ratio: fraction of channels B0 prunes ("only a few").
-        other keys: FinePruning's (lr, epochs, prune_ratio, acc_drop, ...), for B'.
     """
 
-    param_sources = (FinePruning,)  # where the extra keyword parameters go
-
-    def __init__(
-        self, reference: str = "original", b0_prune_ratio: float = 0.05, **fine_pruning: Any
-    ) -> None:
+    def __init__(self, reference: str, b0_prune_ratio: float, **fine_pruning: Any) -> None:
+        super().__init__(**fine_pruning)
         if reference not in REFERENCES:
             raise BdrunError(
                 f"defense.reference={reference!r} must be one of {', '.join(REFERENCES)}"
             )
         self.reference_kind = reference
         self.b0_prune_ratio = fraction(b0_prune_ratio, "defense.b0_prune_ratio")
-        self.fine_pruning = FinePruning(**fine_pruning)
-        b0_settings = {
-            k: v for k, v in fine_pruning.items() if k not in ("prune_ratio", "curve", "mode")
-        }
-        self.b0 = FinePruning(prune_ratio=self.b0_prune_ratio, curve=False, **b0_settings)
-
-    def repair(
-        self, model: nn.Module, data: RunData, ctx: RunContext, carried: Carried = NOTHING_CARRIED
-    ) -> nn.Module:
-        """B': `model` fine-pruned, which the runner scores behind the detector."""
-        self.fine_pruning.name = self.name
-        return self.fine_pruning.repair(model, data, ctx)
+        # B0: fine-pruned and fine-tuned like B', by the small ratio, in one shot, no curve
+        b0_settings = {**fine_pruning, "prune_ratio": self.b0_prune_ratio, "curve": False}
+        self.b0 = FinePruning(**{**b0_settings, "mode": "one_shot"})
 
     def detector(
         self, model: nn.Module, data: RunData, ctx: RunContext, carried: Carried = NOTHING_CARRIED

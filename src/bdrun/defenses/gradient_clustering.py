@@ -83,9 +83,9 @@ class GradientClustering(ActivationClustering):
 
     def __init__(
         self,
-        features: str = "log",
-        concentration_area: float = 0.05,
-        concentration_ratio: float = 1.5,
+        features: str,
+        concentration_area: float,
+        concentration_ratio: float,
         **clustering: Any,
     ) -> None:
         super().__init__(**clustering)

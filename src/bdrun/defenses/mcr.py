@@ -228,18 +228,18 @@ class ModeConnectivityRepair(Defense):
 
     def __init__(
         self,
-        t: float = 0.3,
-        path_points: int = 11,
-        path_samples: int | None = None,
-        epochs: int = 100,
-        lr: float = 0.01,
-        momentum: float = 0.9,
-        batch_size: int = 128,
-        weight_decay: float = 1e-4,
-        end_model: str = "finetune",
-        finetune_epochs: int = 10,
-        finetune_lr: float = 0.01,
-        init: str = "linear",
+        t: float,
+        path_points: int,
+        path_samples: int | None,
+        epochs: int,
+        lr: float,
+        momentum: float,
+        batch_size: int,
+        weight_decay: float,
+        end_model: str,
+        finetune_epochs: int,
+        finetune_lr: float,
+        init: str,
     ) -> None:
         if end_model not in END_MODELS:
             raise BdrunError(

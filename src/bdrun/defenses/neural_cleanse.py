@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -10,7 +9,7 @@ from torch import Tensor, nn
 from torch.nn.utils import prune
 
 from bdrun.data.base import ImageSet, to_float, to_storage
-from bdrun.defenses.anomaly import CONSISTENCY, flagged_labels, mad_anomaly_index
+from bdrun.defenses.anomaly import flagged_labels, mad_anomaly_index
 from bdrun.defenses.base import NOTHING_CARRIED, Carried, Defense, InputDetector, Verdict
 from bdrun.defenses.finetune import finetune
 from bdrun.defenses.pruning import (
@@ -84,26 +83,37 @@ class NeuralCleanse(Defense):
         label_batch: reverse-engineering settings (bdrun.defenses.trigger_reversal).
     """
 
-    param_sources = (ReversalSettings,)  # where the extra keyword parameters go
-
     def __init__(
         self,
-        mitigation: str = "unlearning",
-        mitigate_unflagged: bool = False,
-        anomaly_threshold: float = 2.0,
-        consistency: float = CONSISTENCY,
-        lr: float = 0.01,
-        epochs: int = 1,
-        unlearn_fraction: float = 0.2,
-        neuron_layer: str = "penultimate",
-        prune_target: float = 0.05,
-        acc_drop: float = 0.10,
-        filter_top: float = 0.01,
-        filter_fpr: float = 0.05,
-        max_samples: int | None = None,
-        max_images: int = 20,
-        mask_lr: float = 0.1,
-        **reversal: Any,
+        mitigation: str,
+        mitigate_unflagged: bool,
+        anomaly_threshold: float,
+        consistency: float,
+        lr: float,
+        epochs: int,
+        unlearn_fraction: float,
+        neuron_layer: str,
+        prune_target: float,
+        acc_drop: float,
+        filter_top: float,
+        filter_fpr: float,
+        max_samples: int | None,
+        max_images: int,
+        mask_lr: float,
+        init_cost: float,
+        beta1: float,
+        beta2: float,
+        steps: int,
+        samples_per_step: int,
+        batch_size: int,
+        attack_succ_threshold: float,
+        patience: int,
+        cost_multiplier: float,
+        early_stop: bool,
+        early_stop_threshold: float,
+        early_stop_patience: int,
+        epsilon: float,
+        label_batch: int | None,
     ) -> None:
         if mitigation not in MITIGATIONS:
             raise BdrunError(
@@ -128,16 +138,25 @@ class NeuralCleanse(Defense):
             None if max_samples is None else coerce(max_samples, "int", "defense.max_samples")
         )
         self.max_images = coerce(max_images, "int", "defense.max_images")
-        known = {f.name: f.type for f in dataclasses.fields(ReversalSettings)}
-        unknown = sorted(set(reversal) - set(known))
-        if unknown:
-            raise BdrunError(f"unknown neural_cleanse setting defense.{unknown[0]}")
-        values = {
-            k: coerce(v, str(known[k]), f"defense.{k}") if known[k] != "bool" else bool(v)
-            for k, v in reversal.items()
-        }
-        self.settings = ReversalSettings(lr=coerce(mask_lr, "float", "defense.mask_lr"), **values)
-        self.settings.check()
+        self.settings = ReversalSettings.from_config(
+            {
+                "lr": mask_lr,
+                "init_cost": init_cost,
+                "beta1": beta1,
+                "beta2": beta2,
+                "steps": steps,
+                "samples_per_step": samples_per_step,
+                "batch_size": batch_size,
+                "attack_succ_threshold": attack_succ_threshold,
+                "patience": patience,
+                "cost_multiplier": cost_multiplier,
+                "early_stop": early_stop,
+                "early_stop_threshold": early_stop_threshold,
+                "early_stop_patience": early_stop_patience,
+                "epsilon": epsilon,
+                "label_batch": label_batch,
+            }
+        )
 
     # -- detection -----------------------------------------------------------------------------
     def analyse(self, model: nn.Module, holdout: ImageSet, ctx: RunContext) -> Verdict:

@@ -47,7 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from bdrun.data.base import to_float
-from bdrun.defenses.anomaly import CONSISTENCY, flagged_labels, mad_anomaly_index
+from bdrun.defenses.anomaly import flagged_labels, mad_anomaly_index
 from bdrun.defenses.base import Defense, Verdict, require_holdout
 from bdrun.errors import BdrunError
 from bdrun.models.probes import input_gradients
@@ -163,20 +163,20 @@ class NeuronInspect(Defense):
 
     def __init__(
         self,
-        max_samples: int | None = 500,
-        explanation: str = "saliency",
-        smoothgrad_noise: float = 0.1,
-        smoothgrad_samples: int = 16,
-        normalize: bool = True,
-        features_on: str = "mean",
-        top_k: float = 0.05,
-        lambda_sp: float = 1.0,
-        lambda_sm: float = 1.0,
-        lambda_pe: float = 1.0,
-        scale_features: bool = True,
-        anomaly_threshold: float = 2.0,
-        consistency: float = CONSISTENCY,
-        max_images: int = 20,
+        max_samples: int | None,
+        explanation: str,
+        smoothgrad_noise: float,
+        smoothgrad_samples: int,
+        normalize: bool,
+        features_on: str,
+        top_k: float,
+        lambda_sp: float,
+        lambda_sm: float,
+        lambda_pe: float,
+        scale_features: bool,
+        anomaly_threshold: float,
+        consistency: float,
+        max_images: int,
     ) -> None:
         self.max_samples = (
             None if max_samples is None else coerce(max_samples, "int", "defense.max_samples")

@@ -309,16 +309,16 @@ class Nic(Defense):
 
     def __init__(
         self,
-        layers: list[str] | tuple[str, ...] | None = None,
-        one_class: str = "ocsvm",
-        value_nu: float = 0.1,
-        provenance_nu: float = 0.01,
-        final_nu: float = 0.1,
-        gamma: str | float = "scale",
-        pca_components: int = 256,
-        frr: float = 0.01,
-        invariant_share: float = 0.5,
-        final_share: float = 0.25,
+        layers: list[str] | tuple[str, ...] | None,
+        one_class: str,
+        value_nu: float,
+        provenance_nu: float,
+        final_nu: float,
+        gamma: str | float,
+        pca_components: int,
+        frr: float,
+        invariant_share: float,
+        final_share: float,
     ) -> None:
         if one_class not in ONE_CLASS_MODELS:
             raise BdrunError(

@@ -120,15 +120,15 @@ class Prune(Defense):
 
     def __init__(
         self,
-        prune_ratio: float | None = None,
-        acc_drop: float = 0.04,
-        stop_drops: Sequence[float] = (0.02, 0.04, 0.10),
-        stop_fractions: Sequence[float] = (),
-        prune_layer: str | None = None,
-        rank_layer: str | None = None,
-        curve: bool = True,
-        curve_points: int = 101,
-        curve_samples: int | None = None,
+        prune_ratio: float | None,
+        acc_drop: float,
+        stop_drops: Sequence[float],
+        stop_fractions: Sequence[float],
+        prune_layer: str | None,
+        rank_layer: str | None,
+        curve: bool,
+        curve_points: int,
+        curve_samples: int | None,
     ) -> None:
         self.prune_ratio = fraction(prune_ratio, "defense.prune_ratio", allow_none=True)
         self.acc_drop = fraction(acc_drop, "defense.acc_drop")

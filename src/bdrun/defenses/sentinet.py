@@ -339,15 +339,15 @@ class Sentinet(Defense):
 
     def __init__(
         self,
-        n_pastes: int = 100,
-        paste_share: float = 0.5,
-        frr: float = 0.01,
-        mask_threshold: float = 0.85,
-        secondary_classes: int = 0,
-        layer: str = "",
-        inert_placement: str = "region",
-        bin_width: float = 0.04,
-        max_calibration: int = 1000,
+        n_pastes: int,
+        paste_share: float,
+        frr: float,
+        mask_threshold: float,
+        secondary_classes: int,
+        layer: str,
+        inert_placement: str,
+        bin_width: float,
+        max_calibration: int,
     ) -> None:
         if int(n_pastes) < 1:
             raise BdrunError(f"defense.n_pastes={n_pastes} must be >= 1, e.g. 100")

@@ -97,11 +97,11 @@ class SpectralSignatures(Defense):
 
     def __init__(
         self,
-        removal_factor: float = 1.5,
-        expected_poison_rate: float = 0.1,
-        centre: str = "holdout",
-        scope: str = "global",
-        min_holdout_per_class: int = 10,
+        removal_factor: float,
+        expected_poison_rate: float,
+        centre: str,
+        scope: str,
+        min_holdout_per_class: int,
     ) -> None:
         if float(removal_factor) <= 0:
             raise BdrunError(f"defense.removal_factor={removal_factor} must be > 0")

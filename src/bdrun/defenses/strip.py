@@ -154,13 +154,13 @@ class Strip(Defense):
 
     def __init__(
         self,
-        n_overlays: int = 100,
-        frr: float = 0.01,
-        input_weight: float = 1.0,
-        overlay_weight: float = 1.0,
-        clip: bool = True,
-        threshold_method: str = "normal",
-        overlay_share: float = 0.5,
+        n_overlays: int,
+        frr: float,
+        input_weight: float,
+        overlay_weight: float,
+        clip: bool,
+        threshold_method: str,
+        overlay_share: float,
     ) -> None:
         if int(n_overlays) < 1:
             raise BdrunError(f"defense.n_overlays={n_overlays} must be >= 1")

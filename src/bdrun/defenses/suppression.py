@@ -92,9 +92,7 @@ class Suppression(Defense):
 
     name = "suppression"
 
-    def __init__(
-        self, replicas: int = 20, noise: float = 0.1, distribution: str = "uniform"
-    ) -> None:
+    def __init__(self, replicas: int, noise: float, distribution: str) -> None:
         if int(replicas) < 1:
             raise BdrunError(f"defense.replicas={replicas} must be >= 1")
         if float(noise) < 0:

@@ -20,10 +20,12 @@ label with far fewer, larger passes, which is what keeps 1,283-class models prac
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,49 +40,72 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ReversalSettings:
-    """The authors' optimisation settings (see the module docstring)."""
+    """The authors' optimisation settings (see the module docstring); the values come from
+    conf/defense/neural_cleanse.yaml (`mask_lr` is `lr` here).
 
-    init_cost: float = 1e-3
-    lr: float = 0.1
-    beta1: float = 0.5
-    beta2: float = 0.9
-    steps: int = 1000  # optimisation steps ("epochs" of samples_per_step images) at most
-    samples_per_step: int = 1000
-    batch_size: int = 32
-    attack_succ_threshold: float = 0.99
-    patience: int = 5
-    cost_multiplier: float = 2.0  # up x2, down / 2 ** 1.5
-    early_stop: bool = True
-    early_stop_threshold: float = 1.0
-    early_stop_patience: int = 25
-    epsilon: float = 1e-7  # keeps tanh space finite (Keras' K.epsilon() in the authors' code)
-    # labels optimised together (memory grows with label_batch x batch_size); None: one at a
-    # time on the CPU, 16 on a GPU. On 2 CPU threads 16 was 2x slower per label than 1 for the
-    # 1,283-class DeepID (benchmarks/deepid_bench.py); batching pays where kernels are small.
-    label_batch: int | None = None
+    steps: optimisation steps ("epochs" of samples_per_step images) at most.
+    cost_multiplier: the cost goes up by it and down by it ** 1.5.
+    epsilon: keeps tanh space finite (Keras' K.epsilon() in the authors' code).
+    label_batch: labels optimised together (memory grows with label_batch x batch_size); None:
+        one at a time on the CPU, 16 on a GPU. On 2 CPU threads 16 was 2x slower per label than
+        1 for the 1,283-class DeepID (benchmarks/deepid_bench.py); batching pays where kernels
+        are small.
+    """
+
+    init_cost: float
+    lr: float
+    beta1: float
+    beta2: float
+    steps: int
+    samples_per_step: int
+    batch_size: int
+    attack_succ_threshold: float
+    patience: int
+    cost_multiplier: float
+    early_stop: bool
+    early_stop_threshold: float
+    early_stop_patience: int
+    epsilon: float
+    label_batch: int | None
+
+    @classmethod
+    def from_config(cls, values: dict[str, Any]) -> ReversalSettings:
+        """Settings from config values (numbers coerced and checked, one-line errors naming
+        the `defense.` key)."""
+
+        def key(name: str) -> str:
+            return f"defense.{'mask_lr' if name == 'lr' else name}"
+
+        kinds = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+        coerced = {}
+        for name, value in values.items():
+            kind = kinds[name].split(" |")[0]
+            if kind == "bool":
+                coerced[name] = bool(value)
+            elif value is None and "None" in kinds[name]:
+                coerced[name] = None
+            else:
+                coerced[name] = coerce(value, kind, key(name))
+        settings = cls(**coerced)
+        positive = {
+            name: getattr(settings, name)
+            for name in ("lr", "steps", "samples_per_step", "batch_size", "patience")
+        }
+        if settings.label_batch is not None:
+            positive["label_batch"] = settings.label_batch
+        for name, value in positive.items():
+            if value <= 0:
+                raise BdrunError(f"{key(name)}={value} must be > 0")
+        if settings.init_cost <= 0 or settings.cost_multiplier <= 1:
+            raise BdrunError("defense.init_cost must be > 0 and defense.cost_multiplier > 1")
+        if not 0 < settings.attack_succ_threshold <= 1:
+            raise BdrunError(
+                f"defense.attack_succ_threshold={settings.attack_succ_threshold} must be in (0, 1]"
+            )
+        return settings
 
     def labels_per_pass(self, device: torch.device) -> int:
         return self.label_batch or (16 if device.type == "cuda" else 1)
-
-    def check(self) -> None:
-        positive = {
-            "lr": self.lr,
-            "steps": self.steps,
-            "samples_per_step": self.samples_per_step,
-            "batch_size": self.batch_size,
-            "patience": self.patience,
-        }
-        if self.label_batch is not None:
-            positive["label_batch"] = coerce(self.label_batch, "int", "defense.label_batch")
-        for name, value in positive.items():
-            if value <= 0:
-                raise BdrunError(f"defense.{name}={value} must be > 0")
-        if self.init_cost <= 0 or self.cost_multiplier <= 1:
-            raise BdrunError("defense.init_cost must be > 0 and defense.cost_multiplier > 1")
-        if not 0 < self.attack_succ_threshold <= 1:
-            raise BdrunError(
-                f"defense.attack_succ_threshold={self.attack_succ_threshold} must be in (0, 1]"
-            )
 
 
 @dataclass
@@ -283,7 +308,6 @@ def reverse_triggers(
     """Reverse-engineer a trigger for every label in `labels` from clean images x (any dtype),
     `settings.labels_per_pass(device)` labels at a time. The model is left unchanged and on
     `device`."""
-    settings.check()
     if len(x) == 0:
         raise BdrunError("the clean holdout set is empty; Neural Cleanse needs clean images")
     device = torch.device(device)
