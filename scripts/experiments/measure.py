@@ -114,12 +114,14 @@ def run_sweeps(sweeps: Sequence[Sweep], args: argparse.Namespace) -> dict[str, l
 
 def pick(records: Iterable[JobRecord], **params: Any) -> dict[str, Any] | None:
     """results.json of the one finished job whose overrides hold every `key=value` given (dots
-    in keys written as `__`), or None."""
-    wanted = {key.replace("__", "."): str(value) for key, value in params.items()}
+    in keys written as `__`; values compared as lower-case text: Hydra writes `true` as
+    `True`), or None."""
+    wanted = {key.replace("__", "."): str(value).lower() for key, value in params.items()}
     found = [
         r
         for r in records
-        if r.results is not None and all(r.params.get(k) == v for k, v in wanted.items())
+        if r.results is not None
+        and all(str(r.params.get(k)).lower() == v for k, v in wanted.items())
     ]
     if len(found) > 1:
         raise ValueError(f"{len(found)} jobs match {wanted}")
