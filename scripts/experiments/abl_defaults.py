@@ -13,7 +13,7 @@ digits ones take a few minutes (`--only digits-isolation digits-ascent`).
 
 from __future__ import annotations
 
-from measure import Sweep, metric, parser, pct, pick, run_sweeps, show
+from measure import Sweep, metric, num, parser, pct, pick, run_sweeps, show
 
 FASHION = ("dataset=fashion_mnist", "attack=badnets", "defense=abl")
 ISOLATION_ONLY = ("defense.finetune_epochs=0", "defense.unlearning_epochs=0")
@@ -91,7 +91,7 @@ def main() -> None:
             pct(metric(results, "after", "asr"), 2),
             pct(metric(results, "after", "cca")),
             pct(metric(results, "detection", "isolated_acc_after")),
-            str(metric(results, "detection", "removed")),
+            num(metric(results, "detection", "removed")),
             pct(metric(results, "detection", "precision")),
         ]
 

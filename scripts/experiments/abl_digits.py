@@ -6,13 +6,13 @@ row, one thread unless a row says two; then BadNets, blend and WaNet on two thre
 file and with ABL's group defaults (`tuning.enabled=false`: on digits only abl_digits.yaml
 applies to these runs).
 
-    .venv/bin/python scripts/experiments/abl_digits.py            # about 10 min on 2 busy cores
+    .venv/bin/python scripts/experiments/abl_digits.py            # ~15 min on 2 busy cores
     .venv/bin/python scripts/experiments/abl_digits.py --dry-run  # the bdrun commands only
 """
 
 from __future__ import annotations
 
-from measure import Sweep, metric, parser, pct, pick, run_sweeps, show
+from measure import Sweep, metric, num, parser, pct, pick, run_sweeps, show
 
 SHOWCASE = ("attack=sig", "defense=abl")
 NO_STOP = (*SHOWCASE, "defense.unlearning_stop=null")
@@ -47,7 +47,7 @@ def figures(results: dict | None) -> list[str]:
         pct(metric(results, "after", "cca")),
         pct(metric(results, "after", "asr")),
         "-" if results is None else f"{metric(results, 'detection', 'precision'):.2f}",
-        str(metric(results, "detection", "unlearning_epochs_run")),
+        num(metric(results, "detection", "unlearning_epochs_run")),
     ]
 
 

@@ -5,7 +5,7 @@ conf/tuning/defense_dataset/abs_digits.yaml (docs/tuning/abs_digits.md).
 authors' 6.25 % and this file's 15 %, each with and without the round-1 logit term
 (`defense.logit_weight` 1 / 0); one thread. Prints each label's best REASR.
 
-    .venv/bin/python scripts/experiments/abs_digits.py            # a few minutes
+    .venv/bin/python scripts/experiments/abs_digits.py            # ~1 min on 2 busy cores
     .venv/bin/python scripts/experiments/abs_digits.py --dry-run  # the bdrun commands only
 """
 

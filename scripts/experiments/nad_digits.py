@@ -4,7 +4,7 @@ conf/tuning/defense_dataset/nad_digits.yaml (docs/tuning/nad_digits.md).
 `bdrun defense=nad` with the tuning file and with `tuning.enabled=false` (NAD's group defaults,
 the authors'), on one and on two threads (the recording does not name its thread count).
 
-    .venv/bin/python scripts/experiments/nad_digits.py            # about a minute
+    .venv/bin/python scripts/experiments/nad_digits.py            # ~2 min on 2 busy cores
     .venv/bin/python scripts/experiments/nad_digits.py --dry-run  # the bdrun commands only
 """
 

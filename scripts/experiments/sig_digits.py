@@ -5,7 +5,7 @@ Every run is `bdrun attack=sig defense=abl tuning.enabled=false` with the attack
 (so ABL keeps its group defaults, not tuning/defense_dataset/abl_digits.yaml), one thread unless
 a row says two. Prints the page's tables and the clean nines' accuracy before and after ABL.
 
-    .venv/bin/python scripts/experiments/sig_digits.py            # about 10 min on 2 busy cores
+    .venv/bin/python scripts/experiments/sig_digits.py            # ~16 min on 2 busy cores
     .venv/bin/python scripts/experiments/sig_digits.py --dry-run  # the bdrun commands only
 """
 

@@ -7,7 +7,7 @@ defense=strip` runs with this file (0.5 / 0.5) and with `defense.input_weight=1
 defense.overlay_weight=1` (the authors' sum); in-process, one thread, a fresh model cache under
 --out. Prints AUROC and the ASR / CCA after the filter.
 
-    .venv/bin/python scripts/experiments/strip_csaw.py   # a few minutes on 2 busy cores
+    .venv/bin/python scripts/experiments/strip_csaw.py   # ~7 min on 2 busy cores
 """
 
 from __future__ import annotations
