@@ -123,7 +123,7 @@ def test_abl_on_digits_isolates_one_percent_and_caches_every_stage(tmp_path, cap
 # 0.27 %, CCA -3.8 points). Not for SIG: under LGA its poisons (median loss 0.20) stay above the
 # easy classes' clean samples (trouser 0.008, bag 0.07, sandal 0.10), so the lowest-loss 1 %
 # holds no poison (382 trousers, 146 bags, 42 sandals); ABL's premise that poisons are learned
-# fastest does not hold on this data.
+# fastest does not hold on this data. ABL's defaults on this data: docs/defenses/abl.md.
 SIG_NOT_ISOLATED = pytest.mark.xfail(strict=True, reason="SIG poisons are not the lowest-loss 1 %")
 
 

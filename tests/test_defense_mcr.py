@@ -142,6 +142,7 @@ def test_mcr_on_digits(tmp_path):
 def test_mcr_fashion_mnist_badnets(tmp_path):
     # tuning/defense_dataset/mcr_fashion_mnist.yaml: init=random, lr 0.05, wd 0.01, t = 0.35;
     # measured ASR 6.5 % / CCA -4.8 points (seed 0), 4.5 % / -4.7 (seed 1), 5.1 % / -4.2 (seed 2)
+    # (docs/tuning/mcr_fashion_mnist.md)
     results = run_fashion_mnist(tmp_path, "attack=badnets", "defense=mcr")
     d, before, after = repair_figures(results)
     print(f"MCR FMNIST BadNets: {d}; before {before}; after {after}")

@@ -103,6 +103,7 @@ def test_nad_fashion_mnist_badnets(tmp_path):
     # with tuning/defense_dataset/nad_fashion_mnist.yaml; measured 2026-12-02 (this test's
     # threads): ASR 4.7 %, CCA 87.3 % (92.1 % before): 0.2 points inside the CCA bar. Seed 1
     # misses it (ASR 11.1 %, CCA 87.0 % of 92.4 %, one thread); seed 2 meets it (5.0 %, 87.1 %).
+    # (docs/tuning/nad_fashion_mnist.md)
     results = run_fashion_mnist(tmp_path, "attack=badnets", "defense=nad")
     d, before, after = repair_figures(results)
     print(f"NAD FMNIST BadNets: {d}; before {before}; after {after}")

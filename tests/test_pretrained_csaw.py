@@ -104,7 +104,7 @@ def needs(defense: str):
 # CSAW stop; the repaired nets keep CCA >= 0.93 at the 2 / 4 / 10 % stops), so fine-pruning and
 # GoodNet leave ASR at 1.0; STRIP reaches AUROC 0.83 (ASR 1.0 -> 0.75); Neural Cleanse with
 # 20 steps flags nothing. The tests check that the CSAW settings are applied and that the
-# defenses keep clean accuracy, and record the rest.
+# defenses keep clean accuracy, and record the rest. STRIP's blend: docs/tuning/strip_csaw.md.
 
 
 @needs("goodnet")

@@ -19,7 +19,7 @@ def test_sig_digits_tuning_is_picked_up_for_digits_only():
     assert fashion.signal == "sine" and fashion.delta == 60 and fashion.target == 0
 
 
-# Measured 2026-12-02 (CPU, one thread; conf/tuning/attack_dataset/sig_digits.yaml has the
+# Measured 2026-12-02 (CPU, one thread; docs/tuning/sig_digits.md and abl_digits.md have the
 # search): seeds 0 / 1 / 2 give ASR 97.3 / 85.8 / 98.5 % (CCA 93.5 / 95.7 / 95.7 %); ABL isolates
 # 11 poisons out of 11 on each seed. Unlearning them alone left ASR 0.0 / 0.2 / 0.0 % at CCA
 # 88.1 % on each (the clean nines went with them); against the clean holdout

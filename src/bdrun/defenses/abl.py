@@ -208,10 +208,8 @@ class AntiBackdoorLearning(Defense):
        loss. `isolation_score` "last" ranks by the loss after the last isolation epoch (their
        code); "late_max" (default) by each sample's highest loss at the ends of the last half
        of the isolation epochs: a sample must stay low through LGA's swings, not at one
-       moment. The snapshot swings with the training loss: on Fashion-MNIST BadNets the
-       lowest-loss 1 % after epochs 4 to 10 held 100 / 93 / 72 / 0 / 98 / 100 / 86 % poisons
-       (the rest easy Trouser images); "late_max" after 10 epochs 100 %, and on digits (3
-       seeds) 100 / 100 / 100 % where "last" gives 100 / 82 / 82 %;
+       moment (a single snapshot swings with the training loss; measured in
+       docs/defenses/abl.md);
     2. training on: continue training that model on the other samples for `finetune_epochs`
        (null: train.epochs; they fine-tune for their full 60-epoch schedule);
     3. unlearning: the isolated samples are unlearned for up to `unlearning_epochs` (5) with
@@ -222,24 +220,18 @@ class AntiBackdoorLearning(Defense):
        (ours, default 0.1; null runs every epoch as they do) ends the unlearning after the
        first epoch that leaves at most that share of the isolated samples on their training
        labels. Why: without data augmentation a small CNN drives the backdoor samples' softmax
-       to exactly 1 in float32, where minus the cross-entropy has no gradient. On Fashion-MNIST
-       BadNets 10 % (small CNN, 6 epochs; 570 isolated, 567 poisoned) their ascent at lr 5e-4,
-       5e-3 or 5e-2 left ASR at 99.8 %, and on digits at 100 %; the margin for all 5 epochs
-       gave ASR 0 % but CCA 79.9 % (92.1 % undefended): after the first epoch 93 % of the
-       isolated samples had left their labels and the later epochs only cost clean accuracy;
-       stopping there (the default) gave ASR 1.6 % and CCA 88.6 %.
+       to exactly 1 in float32, where minus the cross-entropy has no gradient, so their ascent
+       left the backdoor in place; the margin removes it, and after the first epoch that
+       unlearns the isolated samples further epochs only cost clean accuracy (measured in
+       docs/defenses/abl.md).
        `unlearning_anchor` "holdout" (ours; "none", theirs, is the default) adds the
        cross-entropy on the defender's clean holdout to every unlearning step. Why: a
-       clean-label poison carries its true label, so unlearning it also unlearns its class.
-       On digits SIG (102 of 113 nines poisoned) unlearning 11 isolated poisons alone took the
-       clean nines from 52.5 % to 8.5 % (CCA -5.4 points); against the holdout for 30 epochs at
-       lr 1e-3 ASR fell to 0 % with CCA +4.3 (tuning/defense_dataset/abl_digits.yaml), while the
-       holdout alone left ASR at 99.2 %. On Fashion-MNIST BadNets 10 % the same setting gave
-       CCA 91.4 % and ASR 0.22 % (92.1 / 99.6 % before; the default above: 88.6 / 1.6 %).
+       clean-label poison carries its true label, so unlearning it also unlearns its class
+       (digits SIG: tuning/defense_dataset/abl_digits.yaml, docs/tuning/abl_digits.md).
     The report adds `isolated_top_label_share`, the share of the isolated samples that carry
     their most common label (a warning below 0.9): all-to-one and clean-label poisons share the
-    target label, while on Fashion-MNIST SIG the lowest-loss 1 % were clean trousers, bags and
-    sandals (0.67) and unlearning them left CCA at 49.3 % and ASR at 100 %.
+    target label, while on Fashion-MNIST SIG the lowest-loss 1 % were clean samples of several
+    classes (docs/defenses/abl.md).
     The optimiser, batch size and learning rate of stages 1-2 are the run's `train` settings.
     Every stage goes through the model cache (`ctx.train_cached`; the loss record is stored
     with the isolation model), so a second run with the same data and settings trains nothing.

@@ -63,10 +63,8 @@ class GradientClustering(ActivationClustering):
             sample's scale (a rescaling is a shift, which the centring removes) and keeps the
             orders of magnitude between pixels that mark the trigger. The gradients are taken
             in float64 for this: in float32 the smallest ones underflow.
-            "abs": |g| / ||g|| (unit L2 norm); "signed": g / ||g||.
-            Fashion-MNIST BadNets 10 %, target class (5,700 poisons of 11,380), PCA to 10,
-            2-means: "log" 99.1 % precision / 99.6 % recall, "abs" 99.7 % / 73.6 %, "signed"
-            99.8 % / 55.9 %, the centred log of float32 gradients 94.0 % / 94.4 %.
+            "abs": |g| / ||g|| (unit L2 norm); "signed": g / ||g||. On Fashion-MNIST BadNets
+            "log" keeps the recall the other two lose (docs/defenses/gradient_clustering.md).
         analysis: "holdout" (default), "size", "silhouette", "smaller" as in activation
             clustering, or "concentration": the paper's cue, a cluster whose gradients gather
             in a small region. A cluster is flagged when its mean |gradient| map puts at least

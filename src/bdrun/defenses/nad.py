@@ -169,10 +169,9 @@ class NeuralAttentionDistillation(Defense):
             last residual group of the WRN-16-1 where config.py puts its only non-zero beta.
         betas: one weight per layer. config.py puts beta3 = 5000 on the last group (beta1 =
             beta2 = 0). On bdrun's small CNN (no BatchNorm before relu2) 5000 made the student
-            diverge in the first lr-0.1 epochs (Fashion-MNIST BadNets: CCA 10 %, ASR 100 %, with
-            or without augmentation): the attention loss's gradient grows as the activations'
-            norm shrinks, and nothing (no BatchNorm, no clipping in their code) bounds the
-            step. The default is 500.
+            diverge in the first lr-0.1 epochs (docs/tuning/nad_fashion_mnist.md): the attention
+            loss's gradient grows as the activations' norm shrinks, and nothing (no BatchNorm,
+            no clipping in their code) bounds the step. The default is 500.
         p: power of the attention map (2.0).
         epochs: the student's training (20).
         lr, lr_epochs, late_lr: their step schedule (utils/util.py adjust_learning_rate): 0.1
@@ -185,14 +184,9 @@ class NeuralAttentionDistillation(Defense):
         crop_padding, flip, cutout: their training transforms (data_loader.py
             get_train_loader: RandomCrop(32, padding=4), RandomHorizontalFlip, Cutout(1, 3)),
             on every teacher and student batch; 0 / false turns each off. They are what lets
-            the teacher unlearn the backdoor. Fashion-MNIST BadNets 10 % (small CNN, 3,000
-            holdout images; CCA 92.1 %, ASR 99.6 % before), teacher / student ASR, CCA:
-            without augmentation 49.1 / 57.9 %, 88.1 / 87.7 %; with the authors' three
-            3.2 / 1.1 %, 83.6 / 82.6 %; padding 2 19.6 / 4.7 %, 88.2 / 86.9 %; at lr 0.01
-            throughout (augmented) 62.8 / 55.7 %, 87.6 / 89.0 %; padding 2 with one epoch at
-            0.1 (the Fashion-MNIST tuning) 30.1 / 4.7 %, 88.3 / 87.9 % (seed 1: 29.8 / 11.1 %,
-            87.9 / 87.0 %, CCA 92.4 % before).
-    Per-dataset values: conf/tuning/defense_dataset/nad_<dataset>.yaml.
+            the teacher unlearn the backdoor (measured: docs/tuning/nad_fashion_mnist.md).
+    Per-dataset values: conf/tuning/defense_dataset/nad_<dataset>.yaml, measured in
+    docs/tuning/nad_<dataset>.md.
     The teacher and the student go through the model cache. The report adds the teacher's own
     CCA / ASR / RA (scored on the test sets) as teacher_cca, teacher_asr, teacher_ra.
     """

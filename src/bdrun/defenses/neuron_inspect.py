@@ -31,11 +31,9 @@ index of its combined feature on the small side exceeds `anomaly_threshold` (2, 
 Cleanse, whose outlier test the paper adopts); the model is flagged when any label is. The
 defense inspects only (`inspect_model`): the model is left as it is.
 
-Measured on Fashion-MNIST BadNets 10 % (scripts/experiments/neuron_inspect_seeds.py, seeds 0 / 1
-/ 2): the target's index is 1.40 / 2.65 / 0.60 with saliency, the clean models' largest 1.68 /
-1.37 / 1.51. SmoothGrad lifts the target to 5.87 / 2.10 / 2.31 but trousers too: 2.53 / 2.06 /
-2.20 on the poisoned models, 2.62 / 2.21 / 1.68 on the clean ones. Trouser heatmaps are as
-sparse and persistent as a trigger's.
+On Fashion-MNIST BadNets the target passes the bar on one seed in three with saliency, and
+SmoothGrad flags clean trousers beside it: docs/defenses/neuron_inspect.md
+(scripts/experiments/neuron_inspect_seeds.py).
 """
 
 from __future__ import annotations

@@ -319,14 +319,13 @@ class Sentinet(Defense):
             classes of the input's segments) so that regions explaining benign classes drop
             out; here they are the input's own next-likeliest classes. 0 (the default) uses the
             predicted class's map alone, as BackdoorBench and Beatrix do: on Fashion-MNIST
-            BadNets (200 trojaned test inputs, pool2, mask at 0.85) subtracting the runner-up
-            class's map leaves 0.7 of the 9 trigger pixels in the region against 2.8 without.
+            BadNets subtracting the runner-up class's map leaves fewer trigger pixels in the
+            region (docs/defenses/sentinet.md).
         layer: the module whose feature maps Grad-CAM weighs; empty = the output of the model's
             last conv stage (the last module with [N, C, H, W] output: the small CNN's pool2),
             the "last convolutional layer" of Grad-CAM's authors. The raw last conv (the small
             CNN's conv2, before its ReLU, like BackdoorBench's layer4.1.conv2) localises the
-            trigger far worse: on Fashion-MNIST BadNets (150 + 150 test inputs) AUROC 0.63
-            (conv2) against 0.98 (pool2), the 3x3 trigger's pixels covered 1.0 / 9 against 2.8.
+            trigger far worse (docs/defenses/sentinet.md).
         inert_placement: "region" fills the salient region of the clean images with noise
             (the paper); "background" puts the input's region on noise (Beatrix, BackdoorBench).
         bin_width: width of the confidence bins whose most-fooled clean points define the

@@ -83,10 +83,9 @@ class Suppression(Defense):
         replicas: noisy copies per input that vote (20).
         noise: noise amplitude in pixel units ([0, 1] images): the half-width of the uniform
             distribution, or the std of the Gaussian. The paper picks it per data set; 0.1 here
-            costs little clean accuracy. On Fashion-MNIST BadNets (small CNN, 2000 test inputs)
-            no level helps: uniform 0.2 / 0.4 / 0.6 give CCA 84.5 / 66.3 / 40.7 % (92.3 %
-            undefended) and ASR 99.2 / 98.3 / 94.5 % (99.4 %): clamped noise cannot dim a
-            saturated white patch, while it brightens the dark background the model knows.
+            costs little clean accuracy. On Fashion-MNIST BadNets no level helps
+            (docs/defenses/suppression.md): clamped noise cannot dim a saturated white patch,
+            while it brightens the dark background the model knows.
         distribution: "uniform" (fuzzing with uniform random noise) or "gaussian".
     """
 

@@ -1,0 +1,103 @@
+"""STRIP's blend on CSAW-HackML faces: the authors' 1:1 sum against the average blend of
+conf/tuning/defense_dataset/strip_csaw.yaml (docs/tuning/strip_csaw.md).
+
+On the generated CSAW set of tests/test_pretrained_csaw.py (20 synthetic identities, 55x47x3,
+a DeepID BadNet trained by bdrun and written out as Keras weights), `experiment=csaw
+defense=strip` runs with this file (0.5 / 0.5) and with `defense.input_weight=1
+defense.overlay_weight=1` (the authors' sum); in-process, one thread, a fresh model cache under
+--out. Prints AUROC and the ASR / CCA after the filter.
+
+    .venv/bin/python scripts/experiments/strip_csaw.py   # ~7 min on 2 busy cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from measure import ROOT, metric, num, pct, show
+
+sys.path.insert(0, str(ROOT / "tests"))
+
+from test_keras import keras_arrays, write_keras_h5  # noqa: E402
+from test_pretrained import write_csaw_h5  # noqa: E402
+from test_pretrained_csaw import BADNET_TRAINING, IDENTITIES, synthetic_faces  # noqa: E402
+
+BLENDS = {
+    "authors' sum (1 / 1)": ("defense.input_weight=1.0", "defense.overlay_weight=1.0"),
+    "this file (0.5 / 0.5)": (),
+}
+
+
+def make_csaw(root: Path) -> None:
+    """The test module's data and BadNet (its `csaw` fixture, step for step)."""
+    from bdrun.compose import compose_config
+    from bdrun.runner import prepare
+
+    g = torch.Generator().manual_seed(0)
+    coarse = torch.rand(IDENTITIES, 3, 6, 5, generator=g)
+    templates = F.interpolate(coarse, size=(55, 47), mode="bilinear", align_corners=False)
+    for name, n in (("train", 1000), ("clean_validation_data", 400), ("clean_test_data", 400)):
+        data = synthetic_faces(n, templates, g)
+        write_csaw_h5(root / f"{name}.h5", data, data.y)
+    attacker = compose_config(
+        [
+            "dataset=h5",
+            f"dataset.source.train_path={root / 'train.h5'}",
+            f"dataset.source.test_path={root / 'clean_test_data.h5'}",
+            f"dataset.source.holdout_path={root / 'clean_validation_data.h5'}",
+            *BADNET_TRAINING,
+            "trainer.num_threads=1",
+        ]
+    )
+    prepared = prepare(attacker, root / "attacker")
+    write_keras_h5(keras_arrays(prepared.model), root / "bd_weights.h5")
+    backdoor = prepared.data.backdoor_test
+    write_csaw_h5(root / "sunglasses_poisoned_data.h5", backdoor, backdoor.y)
+
+
+def main() -> None:
+    parse = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parse.add_argument("--out", type=Path, default=ROOT / "outputs" / "experiments" / "strip_csaw")
+    args = parse.parse_args()
+    from bdrun.compose import compose_config
+    from bdrun.runner import run
+
+    root = args.out.resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    os.environ["BDRUN_CACHE"] = str(root / "cache" / "threads-1")
+    make_csaw(root)
+    rows = []
+    for label, overrides in BLENDS.items():
+        cfg = compose_config(
+            [
+                "experiment=csaw",
+                f"dataset.root={root}",
+                f"dataset.source.num_classes={IDENTITIES}",
+                f"attack.weights={root / 'bd_weights.h5'}",
+                f"attack.poisoned=[{root / 'sunglasses_poisoned_data.h5'}]",
+                "defense=strip",
+                "logger=none",
+                "trainer.num_threads=1",
+                *overrides,
+            ]
+        )
+        results = run(cfg, root / label.split(" (")[0].replace(" ", "-").replace("'", ""))
+        rows.append(
+            [
+                label,
+                num(metric(results, "detection", "auroc")),
+                f"{pct(metric(results, 'before', 'asr'))} -> {pct(metric(results, 'after', 'asr'))}",
+                f"{pct(metric(results, 'before', 'cca'))} -> {pct(metric(results, 'after', 'cca'))}",
+            ]
+        )
+    header = ["blend", "AUROC", "ASR before -> after", "CCA before -> after"]
+    show("STRIP on the generated CSAW set (seed 0, 1 thread)", header, rows)
+
+
+if __name__ == "__main__":
+    main()
