@@ -183,6 +183,9 @@ def setup(cfg: DictConfig, run_dir: Path) -> Setup:
         "hardware": {
             k: getattr(hardware, k) for k in ("accelerator", "devices", "strategy", "precision")
         },
+        # CPU results depend on the thread count: a model trained on two threads is not the
+        # one-thread run's model
+        "threads": torch.get_num_threads(),
         "seed": seed,
         "version": __version__,
         # a training-time attack poisons inside the loop, so the tensors alone do not determine it
