@@ -4,7 +4,8 @@ A model is stored under the hash of everything that determines it (the exact tra
 the model, training and trainer settings, training-time hooks, seed and package version), so a
 second run that differs only downstream (another defense) loads it instead of training again.
 Concurrent runs that need the same model serialise on a lock file; an entry becomes visible only
-by an atomic rename, so a killed run never leaves a half-written entry behind.
+by an atomic rename, so a killed run never leaves a half-written entry behind. A model whose
+weights are not finite (NaN, inf) is never stored, and never returned as a hit.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import fcntl
 import hashlib
 import json
 import logging
+import os
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from bdrun.errors import BdrunError
+from bdrun.errors import BdrunError, TrainingDiverged
+from bdrun.finite import nonfinite_count
 from bdrun.fs import atomic_dir
 
 log = logging.getLogger(__name__)
@@ -79,30 +83,54 @@ class ModelCache:
 
     @contextlib.contextmanager
     def _locked(self, key: str) -> Iterator[None]:
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            lock = open(self.root / f".{key}.lock", "w")  # noqa: SIM115 (closed below)
-        except OSError as err:
-            raise BdrunError(
-                f"model cache folder {self.root} is not usable ({err.strerror}); set cache.dir or cache=false"
-            ) from err
-        with lock:
+        """Hold the entry's lock file for the block. A block that fails while there is no entry
+        removes the lock file, so a failed computation leaves nothing behind."""
+        path = self.root / f".{key}.lock"
+        while True:
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                lock = open(path, "w")  # noqa: SIM115 (closed below)
+            except OSError as err:
+                raise BdrunError(
+                    f"model cache folder {self.root} is not usable ({err.strerror}); set cache.dir or cache=false"
+                ) from err
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if killed
-            yield
+            # the holder we waited for may have removed the file: then lock the current one
+            try:
+                current = os.stat(path).st_ino == os.fstat(lock.fileno()).st_ino
+            except FileNotFoundError:
+                current = False
+            if current:
+                break
+            lock.close()
+        with lock:
+            try:
+                yield
+            except BaseException:
+                if not self.path(key).exists():
+                    path.unlink(missing_ok=True)  # while held: a waiter sees it gone and retries
+                raise
 
     def load_into(
         self, key: str, model: nn.Module, companions: dict[str, nn.Module] | None = None
     ) -> dict[str, Any] | None:
         """Load a stored entry into `model` (and its companion modules); return its metadata,
-        or None if there is none or a companion is missing."""
+        or None if there is none or a companion is missing. An entry whose weights are not
+        finite (written before bdrun refused to store one) is removed, and `model` left as it
+        was."""
         from safetensors import SafetensorError
-        from safetensors.torch import load_model
+        from safetensors.torch import load_file, load_model
 
         entry = self.path(key)
         files = {name: companion_file(name) for name in companions or {}}
         if not all((entry / f).is_file() for f in [MODEL_FILE, *files.values()]):
             return None
         try:
+            for name in [MODEL_FILE, *files.values()]:
+                if any(nonfinite_count(t) for t in load_file(entry / name).values()):
+                    log.warning("removing cache entry %s: %s is not finite", entry, name)
+                    shutil.rmtree(entry, ignore_errors=True)
+                    return None
             load_model(model, entry / MODEL_FILE)
             for name, module in (companions or {}).items():
                 load_model(module, entry / files[name])
@@ -118,9 +146,16 @@ class ModelCache:
         meta: dict[str, Any],
         companions: dict[str, nn.Module] | None = None,
     ) -> None:
-        """Write an entry atomically: fill a temporary folder, then rename it into place."""
+        """Write an entry atomically: fill a temporary folder, then rename it into place. A model
+        or companion whose weights are not finite is refused (TrainingDiverged)."""
         from safetensors.torch import save_model
 
+        for name, module in {"the model": model, **(companions or {})}.items():
+            if any(nonfinite_count(t) for t in module.state_dict().values()):
+                raise TrainingDiverged(
+                    f"training diverged: the weights of {name} are not finite, so it is not "
+                    "stored in the model cache; lower the learning rate"
+                )
         self.root.mkdir(parents=True, exist_ok=True)
         with atomic_dir(self.path(key)) as tmp:
             save_model(model, str(tmp / MODEL_FILE))
