@@ -6,6 +6,7 @@ model."""
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 
 import h5py
@@ -16,8 +17,11 @@ from safetensors.torch import load_file, save_file
 from test_keras import write_keras_h5
 from torch import nn
 
+from bdrun.attacks.triggers import load_image
 from bdrun.cache import MODEL_FILE, ModelCache
+from bdrun.data.idx import read_idx
 from bdrun.errors import BdrunError, TrainingDiverged
+from bdrun.eval_cli import read_h5_images
 from bdrun.models.keras import read_keras_layers
 from bdrun.runner import run
 
@@ -250,3 +254,24 @@ def test_keras_weights_that_are_not_finite_are_refused(tmp_path):
     )
     with pytest.raises(BdrunError, match=r"1 weights are NaN / inf \(first in 'dense/kernel'\)"):
         read_keras_layers(path)
+
+
+def test_other_float_files_that_are_not_finite_are_refused(tmp_path):
+    trigger = np.ones((3, 3), np.float32)
+    trigger[0, 0] = np.inf
+    np.save(tmp_path / "trigger.npy", trigger)
+    with pytest.raises(BdrunError, match=r"trigger.npy holds 1 NaN / inf values"):
+        load_image(tmp_path / "trigger.npy", channels=1)
+
+    images = np.zeros((2, 4, 4), ">f4")  # IDX type 0x0D: big-endian float32
+    images[1, 2, 3] = np.nan
+    header = struct.pack(">BBBB", 0, 0, 0x0D, 3) + struct.pack(">III", *images.shape)
+    (tmp_path / "images-idx3").write_bytes(header + images.tobytes())
+    with pytest.raises(BdrunError, match=r"images-idx3 holds 1 NaN / inf values"):
+        read_idx(tmp_path / "images-idx3")
+
+    unlabelled = tmp_path / "unlabelled.h5"
+    with h5py.File(unlabelled, "w") as f:
+        f["data"] = np.full((2, 8, 8, 3), np.nan, np.float32)
+    with pytest.raises(BdrunError, match=r"unlabelled.h5: 'data' holds 384 NaN / inf values"):
+        read_h5_images(unlabelled, "data", "label", "auto", 255.0)  # bdrun-eval's reader
