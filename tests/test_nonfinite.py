@@ -176,6 +176,30 @@ def test_a_cached_model_that_is_not_finite_is_no_hit(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+class Record(nn.Module):
+    """A training hook's record (as ABL's worst loss so far): a buffer that starts at -inf."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(2))
+        self.register_buffer("worst", torch.full((2,), -torch.inf))
+
+
+def test_a_companion_buffer_at_minus_inf_is_no_divergence(tmp_path):
+    cache = ModelCache(tmp_path)
+    record = Record()
+    _, status = cache.get_or_train("k", linear(0.0), lambda: linear(1.0), {}, {"record": record})
+    assert status == "miss"
+    _, status = cache.get_or_train("k", linear(0.0), lambda: linear(2.0), {}, {"record": Record()})
+    assert status == "hit"
+    with torch.no_grad():
+        record.scale.fill_(float("nan"))  # a companion's parameters count, as the model's
+    with pytest.raises(TrainingDiverged, match="the weights of record are not finite"):
+        ModelCache(tmp_path, refresh=True).get_or_train(
+            "k", linear(0.0), lambda: linear(1.0), {}, {"record": record}
+        )
+
+
 def test_a_run_retrains_a_poisoned_model_cached_with_nan_weights(tmp_path):
     cfg = compose_config("debug=smoke", "logger=none", f"cache.dir={tmp_path / 'models'}")
     first = run(cfg, tmp_path / "first")

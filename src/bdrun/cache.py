@@ -35,6 +35,25 @@ META_FILE = "meta.json"
 RESULT_FILE = "result.json"
 
 
+def finite_file(path: Path, names: set[str] | None = None) -> bool:
+    """Whether the tensors of a safetensors file (those in `names`, or all) are finite."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(path)
+    return not any(nonfinite_count(t) for n, t in tensors.items() if names is None or n in names)
+
+
+def first_nonfinite(model: nn.Module, companions: dict[str, nn.Module]) -> str | None:
+    """The first of `model` (its whole state) and `companions` (their parameters: a training
+    hook's buffers may be records that start at -inf or NaN) holding NaN / inf, or None."""
+    if any(nonfinite_count(t) for t in model.state_dict().values()):
+        return "the model"
+    for name, module in companions.items():
+        if any(nonfinite_count(p) for p in module.parameters()):
+            return name
+    return None
+
+
 def companion_file(name: str) -> str:
     """File name of a companion module in an entry (a name like 'InputAwareHook.generator')."""
     safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
@@ -119,18 +138,24 @@ class ModelCache:
         finite (written before bdrun refused to store one) is removed, and `model` left as it
         was."""
         from safetensors import SafetensorError
-        from safetensors.torch import load_file, load_model
+        from safetensors.torch import load_model
 
         entry = self.path(key)
         files = {name: companion_file(name) for name in companions or {}}
         if not all((entry / f).is_file() for f in [MODEL_FILE, *files.values()]):
             return None
         try:
-            for name in [MODEL_FILE, *files.values()]:
-                if any(nonfinite_count(t) for t in load_file(entry / name).values()):
-                    log.warning("removing cache entry %s: %s is not finite", entry, name)
-                    shutil.rmtree(entry, ignore_errors=True)
-                    return None
+            checks = {MODEL_FILE: None} | {
+                files[name]: {n for n, _ in module.named_parameters()}
+                for name, module in (companions or {}).items()
+            }
+            bad = next(
+                (f for f, names in checks.items() if not finite_file(entry / f, names)), None
+            )
+            if bad is not None:
+                log.warning("removing cache entry %s: %s is not finite", entry, bad)
+                shutil.rmtree(entry, ignore_errors=True)
+                return None
             load_model(model, entry / MODEL_FILE)
             for name, module in (companions or {}).items():
                 load_model(module, entry / files[name])
@@ -150,12 +175,12 @@ class ModelCache:
         or companion whose weights are not finite is refused (TrainingDiverged)."""
         from safetensors.torch import save_model
 
-        for name, module in {"the model": model, **(companions or {})}.items():
-            if any(nonfinite_count(t) for t in module.state_dict().values()):
-                raise TrainingDiverged(
-                    f"training diverged: the weights of {name} are not finite, so it is not "
-                    "stored in the model cache; lower the learning rate"
-                )
+        bad = first_nonfinite(model, companions or {})
+        if bad is not None:
+            raise TrainingDiverged(
+                f"training diverged: the weights of {bad} are not finite, so it is not stored "
+                "in the model cache; lower the learning rate"
+            )
         self.root.mkdir(parents=True, exist_ok=True)
         with atomic_dir(self.path(key)) as tmp:
             save_model(model, str(tmp / MODEL_FILE))

@@ -142,11 +142,13 @@ class ClassifierModule(pl.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         # before the epoch's checkpoint is written (Lightning saves it after this hook), and
-        # before the hooks act on a model that may be NaN; raising ends trainer.fit
-        trained = [self.model, *(m for hook in self.hooks for m in hook.modules().values())]
-        self.watch.check(
-            self.current_epoch + 1, [t for m in trained for t in m.state_dict().values()]
-        )
+        # before the hooks act on a model that may be NaN; raising ends trainer.fit. Of the
+        # hooks' modules only the parameters: their buffers may be records that start at -inf
+        # (ABL's worst loss so far) or NaN (no accuracy yet)
+        weights = list(self.model.state_dict().values())
+        for hook in self.hooks:
+            weights += [p for module in hook.modules().values() for p in module.parameters()]
+        self.watch.check(self.current_epoch + 1, weights)
         # torchmetrics already reduced it over the ranks; sync_dist only keeps Lightning quiet
         self.log("train/acc", self.train_acc.compute(), sync_dist=self.trainer.world_size > 1)
         self.train_acc.reset()
