@@ -4,7 +4,8 @@ A model is stored under the hash of everything that determines it (the exact tra
 the model, training and trainer settings, training-time hooks, seed and package version), so a
 second run that differs only downstream (another defense) loads it instead of training again.
 Concurrent runs that need the same model serialise on a lock file; an entry becomes visible only
-by an atomic rename, so a killed run never leaves a half-written entry behind.
+by an atomic rename, so a killed run never leaves a half-written entry behind. A model whose
+weights are not finite (NaN, inf) is never stored, and never returned as a hit.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import fcntl
 import hashlib
 import json
 import logging
+import os
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from bdrun.errors import BdrunError
+from bdrun.errors import BdrunError, TrainingDiverged
+from bdrun.finite import nonfinite_count
 from bdrun.fs import atomic_dir
 
 log = logging.getLogger(__name__)
@@ -29,6 +33,25 @@ log = logging.getLogger(__name__)
 MODEL_FILE = "model.safetensors"
 META_FILE = "meta.json"
 RESULT_FILE = "result.json"
+
+
+def finite_file(path: Path, names: set[str] | None = None) -> bool:
+    """Whether the tensors of a safetensors file (those in `names`, or all) are finite."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(path)
+    return not any(nonfinite_count(t) for n, t in tensors.items() if names is None or n in names)
+
+
+def first_nonfinite(model: nn.Module, companions: dict[str, nn.Module]) -> str | None:
+    """The first of `model` (its whole state) and `companions` (their parameters: a training
+    hook's buffers may be records that start at -inf or NaN) holding NaN / inf, or None."""
+    if any(nonfinite_count(t) for t in model.state_dict().values()):
+        return "the model"
+    for name, module in companions.items():
+        if any(nonfinite_count(p) for p in module.parameters()):
+            return name
+    return None
 
 
 def companion_file(name: str) -> str:
@@ -79,22 +102,41 @@ class ModelCache:
 
     @contextlib.contextmanager
     def _locked(self, key: str) -> Iterator[None]:
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            lock = open(self.root / f".{key}.lock", "w")  # noqa: SIM115 (closed below)
-        except OSError as err:
-            raise BdrunError(
-                f"model cache folder {self.root} is not usable ({err.strerror}); set cache.dir or cache=false"
-            ) from err
-        with lock:
+        """Hold the entry's lock file for the block. A block that fails while there is no entry
+        removes the lock file, so a failed computation leaves nothing behind."""
+        path = self.root / f".{key}.lock"
+        while True:
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                lock = open(path, "w")  # noqa: SIM115 (closed below)
+            except OSError as err:
+                raise BdrunError(
+                    f"model cache folder {self.root} is not usable ({err.strerror}); set cache.dir or cache=false"
+                ) from err
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if killed
-            yield
+            # the holder we waited for may have removed the file: then lock the current one
+            try:
+                current = os.stat(path).st_ino == os.fstat(lock.fileno()).st_ino
+            except FileNotFoundError:
+                current = False
+            if current:
+                break
+            lock.close()
+        with lock:
+            try:
+                yield
+            except BaseException:
+                if not self.path(key).exists():
+                    path.unlink(missing_ok=True)  # while held: a waiter sees it gone and retries
+                raise
 
     def load_into(
         self, key: str, model: nn.Module, companions: dict[str, nn.Module] | None = None
     ) -> dict[str, Any] | None:
         """Load a stored entry into `model` (and its companion modules); return its metadata,
-        or None if there is none or a companion is missing."""
+        or None if there is none or a companion is missing. An entry whose weights are not
+        finite (written before bdrun refused to store one) is removed, and `model` left as it
+        was."""
         from safetensors import SafetensorError
         from safetensors.torch import load_model
 
@@ -103,6 +145,17 @@ class ModelCache:
         if not all((entry / f).is_file() for f in [MODEL_FILE, *files.values()]):
             return None
         try:
+            checks = {MODEL_FILE: None} | {
+                files[name]: {n for n, _ in module.named_parameters()}
+                for name, module in (companions or {}).items()
+            }
+            bad = next(
+                (f for f, names in checks.items() if not finite_file(entry / f, names)), None
+            )
+            if bad is not None:
+                log.warning("removing cache entry %s: %s is not finite", entry, bad)
+                shutil.rmtree(entry, ignore_errors=True)
+                return None
             load_model(model, entry / MODEL_FILE)
             for name, module in (companions or {}).items():
                 load_model(module, entry / files[name])
@@ -118,9 +171,16 @@ class ModelCache:
         meta: dict[str, Any],
         companions: dict[str, nn.Module] | None = None,
     ) -> None:
-        """Write an entry atomically: fill a temporary folder, then rename it into place."""
+        """Write an entry atomically: fill a temporary folder, then rename it into place. A model
+        or companion whose weights are not finite is refused (TrainingDiverged)."""
         from safetensors.torch import save_model
 
+        bad = first_nonfinite(model, companions or {})
+        if bad is not None:
+            raise TrainingDiverged(
+                f"training diverged: the weights of {bad} are not finite, so it is not stored "
+                "in the model cache; lower the learning rate"
+            )
         self.root.mkdir(parents=True, exist_ok=True)
         with atomic_dir(self.path(key)) as tmp:
             save_model(model, str(tmp / MODEL_FILE))

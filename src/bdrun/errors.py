@@ -11,3 +11,7 @@ class BdrunError(Exception):
 
 class TrainingInterrupted(BdrunError):
     """A training stopped by SIGTERM (Slurm pre-emption, time limit, `kill`)."""
+
+
+class TrainingDiverged(BdrunError):
+    """A training whose loss or weights stopped being finite (NaN or inf); never a result."""

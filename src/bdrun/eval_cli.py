@@ -21,6 +21,7 @@ from torch import Tensor
 
 from bdrun.errors import BdrunError
 from bdrun.export import ExportedModel, load_model
+from bdrun.finite import check_data
 
 H5_SUFFIXES = (".h5", ".hdf5", ".hdf")
 
@@ -65,6 +66,7 @@ def read_h5_images(
     if has_labels:  # the data source's reader checks shapes, labels and the pixel range
         data = read_h5(path, x_key, y_key, layout, divide_by)
         return data.x, data.y
+    check_data(raw, f"{path}: {x_key!r}")
     x = to_nchw(raw, layout, path)
     if divide_by:
         x = x / divide_by

@@ -6,6 +6,7 @@ model from the cache, and user errors, do not pay for importing Lightning.
 from __future__ import annotations
 
 import logging
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,8 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from bdrun.data.base import ImageSet, to_float
 from bdrun.data.loader import InMemoryLoader
-from bdrun.errors import BdrunError, TrainingInterrupted
+from bdrun.errors import BdrunError, TrainingDiverged, TrainingInterrupted
+from bdrun.finite import DivergenceWatch
 from bdrun.rng import seeded_global
 from bdrun.training import (
     CHECKPOINT_FILE,
@@ -32,7 +34,10 @@ from bdrun.training import (
 
 
 class ClassifierModule(pl.LightningModule):
-    """Lightning wrapper: cross-entropy training of `model` on an in-memory ImageSet."""
+    """Lightning wrapper: cross-entropy training of `model` on an in-memory ImageSet.
+
+    `stage` names the training in the error a diverging one ends with (see `stage_name`).
+    """
 
     def __init__(
         self,
@@ -44,9 +49,11 @@ class ClassifierModule(pl.LightningModule):
         hooks: list[TrainingHook] | tuple[TrainingHook, ...] = (),
         channels_last: bool = False,
         data_on_device: bool = False,
+        stage: str = "the training",
     ) -> None:
         super().__init__()
         self.model = model
+        self.watch = DivergenceWatch(stage, settings.lr, settings.epochs)
         self.data_on_device = data_on_device
         self.data = data
         self.settings = settings
@@ -110,6 +117,7 @@ class ClassifierModule(pl.LightningModule):
                 break
         if loss is None:
             loss = F.cross_entropy(logits, y, label_smoothing=self.settings.label_smoothing)
+        self.watch.observe(loss)
         self.train_acc.update(logits.detach(), y)
         self.log(
             "train/loss",
@@ -133,6 +141,14 @@ class ClassifierModule(pl.LightningModule):
             hook.on_after_backward(self)
 
     def on_train_epoch_end(self) -> None:
+        # before the epoch's checkpoint is written (Lightning saves it after this hook), and
+        # before the hooks act on a model that may be NaN; raising ends trainer.fit. Of the
+        # hooks' modules only the parameters: their buffers may be records that start at -inf
+        # (ABL's worst loss so far) or NaN (no accuracy yet)
+        weights = list(self.model.state_dict().values())
+        for hook in self.hooks:
+            weights += [p for module in hook.modules().values() for p in module.parameters()]
+        self.watch.check(self.current_epoch + 1, weights)
         # torchmetrics already reduced it over the ranks; sync_dist only keeps Lightning quiet
         self.log("train/acc", self.train_acc.compute(), sync_dist=self.trainer.world_size > 1)
         self.train_acc.reset()
@@ -177,6 +193,14 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*`srun` command is available.*")
 
 
+def stage_name(stream: str) -> str:
+    """What a training of `stream` is, as a divergence message names it."""
+    return "the poisoned model's training" if stream == "train" else f"training stream {stream!r}"
+
+
+DIVERGED_IN_WORKER = f"{TrainingDiverged.__module__}.{TrainingDiverged.__name__}: "
+
+
 def fit(
     model: nn.Module,
     data: ImageSet,
@@ -198,6 +222,10 @@ def fit(
     finds one there (an earlier run was killed or got SIGTERM) resumes from it. Ignored when a
     hook is not `resumable`. On SIGTERM the training stops after the current batch and raises
     TrainingInterrupted.
+
+    A loss or weights that stop being finite end the training at that epoch's end with
+    TrainingDiverged (naming `stream`'s stage, the epoch and train.lr); its checkpoint is
+    removed, as resuming would diverge again.
     """
     quiet_lightning()
     if len(data) == 0:
@@ -214,6 +242,7 @@ def fit(
             hooks=hooks,
             channels_last=hardware.channels_last,
             data_on_device=hardware.keeps_data_on_device(data),
+            stage=stage_name(stream),
         )
         if hardware.channels_last:
             module.model.to(memory_format=torch.channels_last)
@@ -255,7 +284,21 @@ def fit(
             if ckpt is not None:
                 logging.getLogger(__name__).info("resuming training from %s", ckpt)
             try:
-                trainer.fit(module, ckpt_path=ckpt, weights_only=True)
+                try:
+                    trainer.fit(module, ckpt_path=ckpt, weights_only=True)
+                except torch.multiprocessing.ProcessRaisedException as err:
+                    # ddp_spawn: a worker's exception arrives as its traceback's text
+                    line = next(
+                        (ln for ln in str(err).splitlines() if ln.startswith(DIVERGED_IN_WORKER)),
+                        None,
+                    )
+                    if line is None:
+                        raise
+                    raise TrainingDiverged(line.removeprefix(DIVERGED_IN_WORKER)) from None
+            except TrainingDiverged:
+                if checkpoint_dir is not None:
+                    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+                raise
             except SIGTERMException:
                 raise TrainingInterrupted(
                     f"training stopped by SIGTERM in epoch {trainer.current_epoch + 1} of "

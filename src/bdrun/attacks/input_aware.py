@@ -16,6 +16,7 @@ from bdrun.cache import content_key
 from bdrun.data.base import DataInfo, ImageSet, to_float
 from bdrun.data.loader import InMemoryLoader
 from bdrun.errors import BdrunError
+from bdrun.finite import DivergenceWatch
 from bdrun.metrics import accuracy
 from bdrun.rng import derive_seed, generator, seeded_global
 from bdrun.training import TrainingHook
@@ -155,8 +156,14 @@ class InputAware(Attack):
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[10, 20], gamma=0.1)
         first = InMemoryLoader(data, batch_size, True, derive_seed(self.seed, "mask-a"))
         second = InMemoryLoader(data, batch_size, True, derive_seed(self.seed, "mask-b"))
+        watch = DivergenceWatch(
+            "input-aware's mask generator pre-training",
+            self.lr_mask,
+            self.mask_epochs,
+            lr_setting="attack.lr_mask",
+        )
         with seeded_global(self.seed, "input-aware-mask-training"):
-            for _ in range(self.mask_epochs):
+            for epoch in range(self.mask_epochs):
                 for (x1, _, _), (x2, _, _) in zip(first, second, strict=True):
                     x1, x2 = to_float(x1.to(device)), to_float(x2.to(device))
                     m1 = TriggerNet.threshold(net(x1))
@@ -168,7 +175,9 @@ class InputAware(Attack):
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
+                    watch.observe(loss)
                 sched.step()
+                watch.check(epoch + 1, net.state_dict().values())
         return net.cpu().eval()
 
     # -- triggers ----------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from bdrun.attacks.base import Attack
 from bdrun.data.base import DataInfo, ImageSet
 from bdrun.data.h5 import read_h5
 from bdrun.errors import BdrunError
+from bdrun.finite import check_data
 from bdrun.metrics import accuracy
 
 if TYPE_CHECKING:
@@ -40,6 +41,7 @@ def read_true_labels(path: Path, key: str, count: int) -> Tensor:
         if key not in f:
             raise BdrunError(f"{path} has no dataset {key!r}; set attack.true_label_key or null")
         labels = np.asarray(f[key]).reshape(-1)
+    check_data(labels, f"{path}: {key!r}")
     if len(labels) != count:
         raise BdrunError(f"{path}: {len(labels)} true labels {key!r} for {count} images")
     return torch.from_numpy(labels.astype(np.int64))

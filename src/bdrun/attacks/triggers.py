@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bdrun.errors import BdrunError
+from bdrun.finite import check_data
 
 CORNERS = ("bottom_right", "bottom_left", "top_right", "top_left", "center")
 
@@ -31,6 +32,7 @@ def load_image(
             array = np.load(path, allow_pickle=False).astype(np.float32)
         except ValueError as err:
             raise BdrunError(f"{path} is not a plain numeric .npy array ({err})") from err
+        check_data(array, str(path))
         img = torch.from_numpy(array)
         if img.ndim == 2:
             img = img.unsqueeze(0)

@@ -19,6 +19,7 @@ from bdrun.attacks.base import Attack
 from bdrun.attacks.triggers import place, stamp
 from bdrun.data.base import DataInfo, ImageSet
 from bdrun.errors import BdrunError
+from bdrun.finite import DivergenceWatch
 from bdrun.metrics import on_device
 from bdrun.models.probes import get_module
 
@@ -110,7 +111,16 @@ def optimise_trigger(
     mask, background = mask.to(device), background.to(device)
     optimizer = torch.optim.Adam([raw], lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-    for _ in range(steps):
+    # (target - activation)^2 overflows float32 for target values beyond ~1e19, hence the fix
+    watch = DivergenceWatch(
+        "TrojanNN's trigger optimisation",
+        lr,
+        steps,
+        "step",
+        "attack.lr",
+        fix="lower attack.lr or attack.target_value",
+    )
+    for step in range(steps):
         pattern = (raw.tanh() + 1) / 2
         chosen = neuron_activations(model, layer, stamp(background, pattern, mask, 0, 0))
         chosen = chosen[:, neuron_indices.to(device)]
@@ -119,6 +129,8 @@ def optimise_trigger(
         raw.grad = grad
         optimizer.step()
         schedule.step()
+        watch.observe(loss)
+        watch.check(step + 1, [raw])  # one image per step: the read-back costs little
     return ((raw.detach().tanh() + 1) / 2 * mask).cpu()
 
 

@@ -9,6 +9,7 @@ import torch
 
 from bdrun.data.base import ImageSet, SourceData
 from bdrun.errors import BdrunError
+from bdrun.finite import check_data
 
 CHANNEL_SIZES = (1, 3)
 
@@ -64,6 +65,7 @@ def read_h5(
             y = np.asarray(f[y_key])
     except OSError as err:
         raise BdrunError(f"{path} is not a readable HDF5 file ({err})") from err
+    check_data(x, f"{path}: {x_key!r}")
     y = y.reshape(len(y), -1)
     if y.shape[1] != 1:
         raise BdrunError(f"{path}: labels {y_key!r} have shape {y.shape}; expected (N,) or (N, 1)")

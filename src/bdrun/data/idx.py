@@ -11,6 +11,7 @@ import torch
 from bdrun.data.base import ImageSet, SourceData
 from bdrun.data.download import fetch
 from bdrun.errors import BdrunError
+from bdrun.finite import check_data
 
 IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 FILES = {
@@ -38,7 +39,9 @@ def read_idx(path: Path) -> np.ndarray:
         raise BdrunError(
             f"{path} is truncated or corrupt ({len(raw) - header} data bytes, expected {expected})"
         )
-    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)
+    values = np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)
+    check_data(values, str(path))  # IDX may hold floats
+    return values
 
 
 class IdxSource:

@@ -52,6 +52,7 @@ from torch import Tensor, nn
 from bdrun.data.base import to_float
 from bdrun.defenses.base import Defense, Verdict, require_holdout
 from bdrun.errors import BdrunError
+from bdrun.finite import DivergenceWatch
 from bdrun.metrics import on_device, predict
 from bdrun.models.probes import get_module, layer_outputs
 from bdrun.report.triggers import plot_reversed_triggers, save_triggers
@@ -243,6 +244,9 @@ def reverse_neuron_triggers(
             optimizer = torch.optim.Adam([mask_param, pattern_param], lr=s.lr)
             pick = torch.arange(k, device=device)
             neurons_dev, labels_dev = neurons.to(device), labels.to(device)
+            watch = DivergenceWatch(
+                "ABS's trigger reverse-engineering", s.lr, s.steps, "step", "defense.lr"
+            )
             for step in range(s.steps):
                 mask = torch.tanh(mask_param) / 2 + 0.5
                 pattern = torch.tanh(pattern_param) / 2 + 0.5
@@ -258,8 +262,11 @@ def reverse_neuron_triggers(
                 loss = -chosen + OTHER_NEURONS_WEIGHT * rest + penalty
                 loss = loss - s.logit_weight * label_logit
                 optimizer.zero_grad(set_to_none=True)
-                (loss * active.to(device)).sum().backward()
+                total = (loss * active.to(device)).sum()
+                total.backward()
                 optimizer.step()
+                watch.observe(total)
+                watch.check(step + 1, [mask_param, pattern_param])  # it reads success back anyway
                 with torch.no_grad():
                     hits = (logits.argmax(-1) == labels_dev[:, None]).float()
                     success = ((hits * others).sum(1) / others.sum(1).clamp_min(1)).cpu()

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from bdrun.data.base import to_float
 from bdrun.errors import BdrunError
+from bdrun.finite import DivergenceWatch
 from bdrun.validate import coerce
 
 log = logging.getLogger(__name__)
@@ -238,6 +239,15 @@ def _reverse_labels(
     targets = labels.to(device)
     # the authors' MINI_BATCH; at most one pass over a small clean set per step
     batches = max(1, min(s.samples_per_step, len(x)) // s.batch_size)
+    # the loss is cross-entropy + cost x |mask|: the cost schedule can overflow it too
+    watch = DivergenceWatch(
+        "Neural Cleanse's trigger reversal",
+        s.lr,
+        s.steps,
+        "step",
+        "defense.mask_lr",
+        fix="lower defense.mask_lr or defense.init_cost",
+    )
     for step in range(s.steps):
         rows = active.nonzero().flatten()
         if len(rows) == 0:
@@ -260,10 +270,12 @@ def _reverse_labels(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            watch.observe(loss)
             with torch.no_grad():
                 acc_sum += (logits.argmax(-1) == wanted).double().mean(1).cpu()
                 reg_sum += reg.detach().double().cpu()
         steps[rows] += 1
+        watch.check(step + 1, [mask_tanh, pattern_tanh])  # the loop reads values back anyway
         acc = torch.zeros(k, dtype=torch.float64)
         reg = torch.full((k,), math.inf, dtype=torch.float64)
         acc[rows] = acc_sum / batches

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from bdrun.errors import BdrunError
+from bdrun.finite import check_weights
 
 KerasLayers = dict[str, dict[str, np.ndarray]]
 WEIGHT_KINDS = ("kernel", "bias")
@@ -83,6 +84,8 @@ def read_keras_layers(path: str | Path) -> KerasLayers:
                 layers[name] = weights
     if not layers:
         raise BdrunError(f"{path} holds no Keras layer weights (no kernel:0 / bias:0 arrays)")
+    arrays = {f"{name}/{kind}": array for name, ws in layers.items() for kind, array in ws.items()}
+    check_weights(arrays, str(path))
     return layers
 
 

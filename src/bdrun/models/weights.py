@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from bdrun.errors import BdrunError
+from bdrun.finite import check_weights
 
 KERAS_SUFFIXES = (".h5", ".hdf5")
 SAFETENSORS_SUFFIXES = (".safetensors",)
@@ -78,6 +79,7 @@ def load_state(model: nn.Module, state: dict[str, Tensor], path: Path) -> nn.Mod
                 f"{path}: {key!r} has shape {tuple(value.shape)} but the model needs "
                 f"{tuple(own[key].shape)}; check the model and the data's shape and classes"
             )
+    check_weights(state, str(path))
     model.load_state_dict(state)
     return model
 
