@@ -163,6 +163,7 @@ def bad_inputs(tmp_path: Path, server_url: str) -> dict[str, tuple[list[str], st
         "seed text": (["seed=abc"], "seed='abc' must be an integer, e.g. seed=0"),
         "seed float": (["seed=1.5"], "seed=1.5 must be an integer, e.g. seed=0"),
         "seed null": (["seed=null"], "seed=None must be an integer, e.g. seed=0"),
+        "lr beyond float32": (["train.lr=1e39"], "train.lr=1e+39 is out of range"),
         "run folder": (
             ["hydra.run.dir=/proc/nope"],
             "hydra.run.dir=/proc/nope cannot be created or written",
@@ -195,6 +196,7 @@ def bad_inputs(tmp_path: Path, server_url: str) -> dict[str, tuple[list[str], st
         "seed text",
         "seed float",
         "seed null",
+        "lr beyond float32",
         "run folder",
         "run folder is a file",
         "sweep folder",

@@ -3,15 +3,18 @@ needs, or raises a one-line BdrunError that names the key and the value."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from bdrun.errors import BdrunError
+
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 def coerce(value: Any, type_name: str, name: str) -> Any:
     """A config value as the int or float its setting needs, or a BdrunError naming it."""
     kind = {"int": int, "float": float}.get(type_name)
-    if kind is None or (isinstance(value, kind) and not isinstance(value, bool)):
+    if kind is None or (isinstance(value, int) and kind is int and not isinstance(value, bool)):
         return value
     what = "an integer" if kind is int else "a number"
     try:
@@ -20,6 +23,10 @@ def coerce(value: Any, type_name: str, name: str) -> Any:
         raise BdrunError(f"{name}={value!r} must be {what}") from None
     if isinstance(value, bool) or (kind is int and number != int(number)):
         raise BdrunError(f"{name}={value!r} must be {what}")
+    if not math.isfinite(number) or abs(number) > FLOAT32_MAX:
+        raise BdrunError(
+            f"{name}={value!r} is out of range: models compute in float32 (|x| <= 3.4e38)"
+        )
     return kind(number)
 
 
