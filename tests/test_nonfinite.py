@@ -100,10 +100,11 @@ def test_a_diverging_fine_tune_names_its_stage(tmp_path):
             "the loss became NaN in epoch 1 of 25 of input-aware's mask generator pre-training "
             "(attack.lr_mask 1); lower attack.lr_mask",
         ),
-        # the cost is set to init_cost (float32 inf) after 5 successful steps at cost 0
+        # the cost is set to init_cost after 5 successful steps at cost 0: 3e38 (within float32)
+        # times the mask's L1 norm overflows
         (
-            ("defense=neural_cleanse", "defense.init_cost=1e39"),
-            "the loss became NaN in step 6 of 20 of Neural Cleanse's trigger reversal "
+            ("defense=neural_cleanse", "defense.init_cost=3e38"),
+            "the loss became infinite in step 6 of 20 of Neural Cleanse's trigger reversal "
             "(defense.mask_lr 0.1); lower defense.mask_lr or defense.init_cost",
         ),
     ],
