@@ -13,7 +13,7 @@ digits ones take a few minutes (`--only digits-isolation digits-ascent`).
 
 from __future__ import annotations
 
-from measure import Sweep, metric, num, parser, pct, pick, run_sweeps, show
+from measure import Sweep, measured_runs, metric, num, pct, pick, show
 
 FASHION = ("dataset=fashion_mnist", "attack=badnets", "defense=abl")
 ISOLATION_ONLY = ("defense.finetune_epochs=0", "defense.unlearning_epochs=0")
@@ -62,9 +62,8 @@ SWEEPS = [
 
 
 def main() -> None:
-    args = parser(__doc__.split("\n\n")[0], __file__).parse_args()
-    runs = run_sweeps(SWEEPS, args)
-    if args.dry_run:
+    runs = measured_runs(SWEEPS, __doc__, __file__)
+    if runs is None:
         return
     rows = []
     for epochs in range(4, 11):

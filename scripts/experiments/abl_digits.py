@@ -12,7 +12,7 @@ applies to these runs).
 
 from __future__ import annotations
 
-from measure import Sweep, metric, num, parser, pct, pick, run_sweeps, show
+from measure import Sweep, measured_runs, metric, num, pct, pick, show
 
 SHOWCASE = ("attack=sig", "defense=abl")
 NO_STOP = (*SHOWCASE, "defense.unlearning_stop=null")
@@ -52,9 +52,8 @@ def figures(results: dict | None) -> list[str]:
 
 
 def main() -> None:
-    args = parser(__doc__.split("\n\n")[0], __file__).parse_args()
-    runs = run_sweeps(SWEEPS, args)
-    if args.dry_run:
+    runs = measured_runs(SWEEPS, __doc__, __file__)
+    if runs is None:
         return
     header = ["setting", "seed", "CCA before", "ASR before", "CCA after", "ASR after", "precision", "unlearning epochs"]  # fmt: skip
     rows = [["anchor, stop at 0.1, lr 5e-4", 0, *figures(pick(runs.get("stop-0.1", [])))]]

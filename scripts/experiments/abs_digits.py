@@ -11,7 +11,7 @@ authors' 6.25 % and this file's 15 %, each with and without the round-1 logit te
 
 from __future__ import annotations
 
-from measure import Sweep, metric, num, parser, pick, run_sweeps, show
+from measure import Sweep, measured_runs, metric, num, pick, show
 
 SWEEPS = [
     Sweep(
@@ -28,9 +28,8 @@ SWEEPS = [
 
 
 def main() -> None:
-    args = parser(__doc__.split("\n\n")[0], __file__).parse_args()
-    runs = run_sweeps(SWEEPS, args)
-    if args.dry_run:
+    runs = measured_runs(SWEEPS, __doc__, __file__)
+    if runs is None:
         return
     rows = []
     for budget in ("0.0625", "0.15"):

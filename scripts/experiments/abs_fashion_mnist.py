@@ -11,7 +11,7 @@ dataset-fashion-mnist); each model takes minutes on a CPU.
 
 from __future__ import annotations
 
-from measure import Sweep, metric, num, parser, pick, run_sweeps, show
+from measure import Sweep, measured_runs, metric, num, pick, show
 
 BASE = ("dataset=fashion_mnist", "defense=abs", "defense.steps=300")
 SWEEPS = [
@@ -21,9 +21,8 @@ SWEEPS = [
 
 
 def main() -> None:
-    args = parser(__doc__.split("\n\n")[0], __file__).parse_args()
-    runs = run_sweeps(SWEEPS, args)
-    if args.dry_run:
+    runs = measured_runs(SWEEPS, __doc__, __file__)
+    if runs is None:
         return
     rows = []
     for sweep, attack in (("relu3", "badnets"), ("relu3", "none"), ("relu3", "blend"), ("relu2", "badnets")):  # fmt: skip

@@ -12,15 +12,14 @@ dataset-fashion-mnist); each run takes several minutes on a CPU.
 
 from __future__ import annotations
 
-from measure import Sweep, metric, num, parser, pct, pick, run_sweeps, show
+from measure import Sweep, measured_runs, metric, num, pct, pick, show
 
 SWEEPS = [Sweep("mask-epochs", ("dataset=fashion_mnist", "attack=input_aware", "attack.mask_epochs=0,1"))]  # fmt: skip
 
 
 def main() -> None:
-    args = parser(__doc__.split("\n\n")[0], __file__).parse_args()
-    runs = run_sweeps(SWEEPS, args)
-    if args.dry_run:
+    runs = measured_runs(SWEEPS, __doc__, __file__)
+    if runs is None:
         return
     none, one = (pick(runs["mask-epochs"], attack__mask_epochs=n) for n in (0, 1))
     rows = []

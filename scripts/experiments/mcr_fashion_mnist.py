@@ -14,7 +14,7 @@ thread. Needs Fashion-MNIST (Debian's dataset-fashion-mnist); each run takes min
 
 from __future__ import annotations
 
-from measure import Sweep, metric, parser, pct, pick, run_sweeps, show
+from measure import Sweep, measured_runs, metric, pct, pick, show
 
 BASE = ("dataset=fashion_mnist", "attack=badnets", "defense=mcr")
 PATH_2000 = "defense.path_samples=2000"
@@ -117,9 +117,8 @@ def path_minimum(results: dict | None) -> str:
 
 
 def main() -> None:
-    args = parser(__doc__.split("\n\n")[0], __file__).parse_args()
-    runs = run_sweeps(SWEEPS, args)
-    if args.dry_run:
+    runs = measured_runs(SWEEPS, __doc__, __file__)
+    if runs is None:
         return
     rows = []
     for label, sweep, keys in ROWS:

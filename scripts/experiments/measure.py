@@ -112,6 +112,16 @@ def run_sweeps(sweeps: Sequence[Sweep], args: argparse.Namespace) -> dict[str, l
     return records
 
 
+def measured_runs(
+    sweeps: Sequence[Sweep], doc: str | None, script: str
+) -> dict[str, list[JobRecord]] | None:
+    """A script's start: read its options, run (or print) its sweeps; their records, or None
+    after --dry-run (nothing to tabulate)."""
+    args = parser((doc or "").split("\n\n")[0], script).parse_args()
+    runs = run_sweeps(sweeps, args)
+    return None if args.dry_run else runs
+
+
 def pick(records: Iterable[JobRecord], **params: Any) -> dict[str, Any] | None:
     """results.json of the one finished job whose overrides hold every `key=value` given (dots
     in keys written as `__`; values compared as lower-case text: Hydra writes `true` as

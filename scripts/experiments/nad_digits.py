@@ -10,7 +10,7 @@ the authors'), on one and on two threads (the recording does not name its thread
 
 from __future__ import annotations
 
-from measure import Sweep, metric, parser, pct, pick, run_sweeps, show
+from measure import Sweep, measured_runs, metric, pct, pick, show
 
 SWEEPS = [
     Sweep("threads-1", ("attack=badnets", "defense=nad", "tuning.enabled=true,false")),
@@ -19,9 +19,8 @@ SWEEPS = [
 
 
 def main() -> None:
-    args = parser(__doc__.split("\n\n")[0], __file__).parse_args()
-    runs = run_sweeps(SWEEPS, args)
-    if args.dry_run:
+    runs = measured_runs(SWEEPS, __doc__, __file__)
+    if runs is None:
         return
     rows = []
     for sweep, threads in (("threads-1", 1), ("threads-2", 2)):

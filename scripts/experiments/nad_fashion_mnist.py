@@ -13,7 +13,7 @@ dataset-fashion-mnist); each run takes minutes on a CPU, the whole list a few ho
 
 from __future__ import annotations
 
-from measure import Sweep, metric, parser, pct, pick, run_sweeps, show
+from measure import Sweep, measured_runs, metric, pct, pick, show
 
 BASE = ("dataset=fashion_mnist", "attack=badnets", "defense=nad")
 AUTHORS = (*BASE, "defense.lr_epochs=2")  # their step schedule: two epochs at lr 0.1
@@ -85,9 +85,8 @@ ROWS = [
 
 
 def main() -> None:
-    args = parser(__doc__.split("\n\n")[0], __file__).parse_args()
-    runs = run_sweeps(SWEEPS, args)
-    if args.dry_run:
+    runs = measured_runs(SWEEPS, __doc__, __file__)
+    if runs is None:
         return
     rows = []
     for label, sweep, keys in ROWS:

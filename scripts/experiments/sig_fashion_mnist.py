@@ -10,7 +10,7 @@ training / test amplitude 40 / 40, 60 / 60 and 60 / 40; one thread. Needs Fashio
 
 from __future__ import annotations
 
-from measure import Sweep, metric, parser, pct, pick, run_sweeps, show
+from measure import Sweep, measured_runs, metric, pct, pick, show
 
 BASE = ("dataset=fashion_mnist", "attack=sig", "defense=none")
 SWEEPS = [
@@ -20,9 +20,8 @@ SWEEPS = [
 
 
 def main() -> None:
-    args = parser(__doc__.split("\n\n")[0], __file__).parse_args()
-    runs = run_sweeps(SWEEPS, args)
-    if args.dry_run:
+    runs = measured_runs(SWEEPS, __doc__, __file__)
+    if runs is None:
         return
     settings = [
         ("40 / 40 (sig default)", pick(runs["delta"], attack__delta=40)),
