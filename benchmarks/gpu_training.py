@@ -113,7 +113,7 @@ def main() -> None:
             data_on_device=on_device,
         )
         seconds = timed(
-            lambda m, e, h=hardware: fit(m, data, settings(e), h, 10, seed=0), initial, args.epochs
+            lambda m, e, h=hardware: fit(m, data, settings(e), h, seed=0), initial, args.epochs
         )
         print(
             f"  bdrun {name:52s} {samples / seconds:9,.0f} samples/s"

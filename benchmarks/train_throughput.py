@@ -67,7 +67,7 @@ def main() -> None:
             if name == "plain":
                 plain_loop(model, data, settings)
             else:
-                fit(model, data, settings, hardware, 10, seed=0)
+                fit(model, data, settings, hardware, seed=0)
             times[name].append(time.perf_counter() - start)
     plain, ours = statistics.median(times["plain"]), statistics.median(times["bdrun"])
     print(

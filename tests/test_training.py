@@ -25,7 +25,7 @@ def data() -> ImageSet:
 def train_once(seed: int, hooks=()) -> torch.nn.Module:
     torch.manual_seed(seed + 100)  # different global state must not matter
     model = SmallCNN((1, 8, 8), 4, width=8, hidden=16, dropout=0.2)
-    return fit(model, data(), SETTINGS, hardware_settings(), 4, seed, hooks=hooks)
+    return fit(model, data(), SETTINGS, hardware_settings(), seed, hooks=hooks)
 
 
 def test_same_seed_gives_identical_weights_and_another_seed_does_not():
@@ -45,7 +45,7 @@ def test_training_leaves_the_global_rng_alone():
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    fit(model, data(), SETTINGS, hardware_settings(), 4, seed=0)
+    fit(model, data(), SETTINGS, hardware_settings(), seed=0)
     assert torch.equal(torch.rand(3), expected)
 
 
@@ -96,7 +96,7 @@ def test_mixed_precision_and_channels_last_path_trains_on_cpu():
     }.items():
         torch.manual_seed(0)
         model = SmallCNN((1, 8, 8), 4, width=16, hidden=32)
-        trained = fit(model, source.train, settings, hardware, 4, seed=0)
+        trained = fit(model, source.train, settings, hardware, seed=0)
         assert next(trained.parameters()).is_contiguous()  # handed back in the default layout
         scores[name] = accuracy(predict(trained, source.test.x), source.test.y)
     assert scores["fp32"] > 0.9 and scores["amp"] > scores["fp32"] - 0.05, scores

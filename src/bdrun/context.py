@@ -168,7 +168,6 @@ class RunContext:
             data,
             settings or self.settings,
             self.hardware,
-            self.info.num_classes,
             self.seed,
             hooks=[*(self.attack_hooks if attack_hooks else ()), *hooks],
             logger=self.logger.lightning(),
