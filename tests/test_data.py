@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import struct
+import subprocess
+import sys
 
 import h5py
 import numpy as np
@@ -246,3 +248,17 @@ def test_loader_shards_disjointly_by_rank():
         seen.append(torch.cat([y for _, y, _ in loader]).tolist())
     assert len(seen[0]) == len(seen[1]) == 5
     assert sorted(seen[0] + seen[1]) == list(range(10))
+
+
+def test_digits_are_read_without_scikit_learn_and_match_load_digits():
+    from sklearn.datasets import load_digits
+
+    from bdrun.data.digits import digits_arrays
+
+    images, target = digits_arrays()
+    bunch = load_digits()
+    assert np.array_equal(images, bunch.images) and np.array_equal(target, bunch.target)
+    # a default run pays no scikit-learn import for its data
+    probe = "from bdrun.data.digits import Digits; Digits().load(); import sys; print('sklearn' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
