@@ -112,7 +112,7 @@ def fingerprint(data: RunData) -> str:
     return content_key([[s.x, s.y, s.index, s.poison, s.orig_y] for s in sets])
 
 
-def assert_plain_json(value: Any, where: str = "report()") -> None:
+def assert_plain_json(value: Any, where: str) -> None:
     """JSON-serialisable with plain types only (no tensors, no numpy scalars)."""
     try:
         json.dumps(value, allow_nan=True)
