@@ -45,9 +45,10 @@ def synthetic_faces(n: int, templates: torch.Tensor, g: torch.Generator) -> Imag
     return ImageSet(x.mul(255).round().to(torch.uint8), y)
 
 
-@pytest.fixture(scope="module")
-def csaw(tmp_path_factory) -> dict:
-    root: Path = tmp_path_factory.mktemp("csaw")
+def write_synthetic_csaw(root: Path, *overrides: str) -> dict:
+    """CSAW-layout files under `root`: clean data of IDENTITIES synthetic faces, a BadNet bdrun
+    trains on the attacker's own set (Keras .h5 weights) and its poisoned test file; returns
+    the BadNet's figures. (scripts/experiments/strip_csaw.py builds its data here too.)"""
     g = torch.Generator().manual_seed(0)
     coarse = torch.rand(IDENTITIES, 3, 6, 5, generator=g)
     templates = F.interpolate(coarse, size=(55, 47), mode="bilinear", align_corners=False)
@@ -62,6 +63,7 @@ def csaw(tmp_path_factory) -> dict:
         f"dataset.source.test_path={root / 'clean_test_data.h5'}",
         f"dataset.source.holdout_path={root / 'clean_validation_data.h5'}",
         *BADNET_TRAINING,
+        *overrides,
     )
     prepared = prepare(attacker, root / "attacker")
     badnet = prepared.model
@@ -69,7 +71,13 @@ def csaw(tmp_path_factory) -> dict:
     write_keras_h5(keras_arrays(badnet), root / "bd_weights.h5")
     bd = prepared.data.backdoor_test
     write_csaw_h5(root / "sunglasses_poisoned_data.h5", bd, bd.y)
-    return {"root": root, "metrics": metrics}
+    return metrics
+
+
+@pytest.fixture(scope="module")
+def csaw(tmp_path_factory) -> dict:
+    root: Path = tmp_path_factory.mktemp("csaw")
+    return {"root": root, "metrics": write_synthetic_csaw(root)}
 
 
 def defended(csaw: dict, run_dir: Path, *overrides: str) -> dict:

@@ -17,15 +17,11 @@ import os
 import sys
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
 from measure import ROOT, metric, num, pct, show
 
 sys.path.insert(0, str(ROOT / "tests"))
 
-from test_keras import keras_arrays, write_keras_h5  # noqa: E402
-from test_pretrained import write_csaw_h5  # noqa: E402
-from test_pretrained_csaw import BADNET_TRAINING, IDENTITIES, synthetic_faces  # noqa: E402
+from test_pretrained_csaw import IDENTITIES, write_synthetic_csaw  # noqa: E402
 
 BLENDS = {
     "authors' sum (1 / 1)": ("defense.input_weight=1.0", "defense.overlay_weight=1.0"),
@@ -34,30 +30,8 @@ BLENDS = {
 
 
 def make_csaw(root: Path) -> None:
-    """The test module's data and BadNet (its `csaw` fixture, step for step)."""
-    from bdrun.compose import compose_config
-    from bdrun.runner import prepare
-
-    g = torch.Generator().manual_seed(0)
-    coarse = torch.rand(IDENTITIES, 3, 6, 5, generator=g)
-    templates = F.interpolate(coarse, size=(55, 47), mode="bilinear", align_corners=False)
-    for name, n in (("train", 1000), ("clean_validation_data", 400), ("clean_test_data", 400)):
-        data = synthetic_faces(n, templates, g)
-        write_csaw_h5(root / f"{name}.h5", data, data.y)
-    attacker = compose_config(
-        [
-            "dataset=h5",
-            f"dataset.source.train_path={root / 'train.h5'}",
-            f"dataset.source.test_path={root / 'clean_test_data.h5'}",
-            f"dataset.source.holdout_path={root / 'clean_validation_data.h5'}",
-            *BADNET_TRAINING,
-            "trainer.num_threads=1",
-        ]
-    )
-    prepared = prepare(attacker, root / "attacker")
-    write_keras_h5(keras_arrays(prepared.model), root / "bd_weights.h5")
-    backdoor = prepared.data.backdoor_test
-    write_csaw_h5(root / "sunglasses_poisoned_data.h5", backdoor, backdoor.y)
+    """The test module's data and BadNet (its `csaw` fixture), trained on one thread."""
+    write_synthetic_csaw(root, "trainer.num_threads=1")
 
 
 def main() -> None:
