@@ -22,16 +22,15 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-import bdrun.conf
-from bdrun.compose import compose_with_hydra, job_config, rewrite_defense_stack
+from bdrun import tuning
+from bdrun.compose import compose_with_hydra, rewrite_defense_stack
 from bdrun.errors import BdrunError, TrainingInterrupted
-from bdrun.tuning import apply_tuning
+from bdrun.tuning import USER_GROUPS, apply_tuning
 
-CONF_DIR = str(Path(bdrun.conf.__file__).resolve().parent)
-USER_GROUPS = ("dataset", "model", "attack", "defense", "trainer", "logger", "debug", "experiment")
+CONF_DIR = str(tuning.CONF_DIR)
 
 
 # launchers Hydra and the installed launcher plugins provide (conf/hydra/launcher/ adds ours)
@@ -125,10 +124,7 @@ def check_overrides(args: list[str]) -> DictConfig:
                 f"unknown config key {key!r}; check its spelling (bdrun --cfg job shows every key) or add it with +{key}=..."
             ) from None
         raise BdrunError(message) from None
-    with open_dict(composed):
-        tuned = job_config(composed, reduced)
-        for key in tuned:
-            composed[key] = tuned[key]
+    apply_tuning(composed, dict(composed.hydra.runtime.choices), reduced)
     return composed
 
 

@@ -38,11 +38,10 @@ def component_name(node: Any, fallback: str) -> str:
     return str(name) if name else fallback
 
 
-def component_values(group: str, name: str) -> dict[str, Any]:
-    """The values conf/<group>/<name>.yaml gives a component (its includes of the same group
-    merged in, interpolations resolved against an empty run: `${oc.select:budget.x,D}` -> D),
-    without `name` and `_target_`. Component constructors declare no defaults of their own:
-    these values are the only ones (tests/test_component_defaults.py)."""
+def component_node(group: str, name: str) -> dict[str, Any]:
+    """What conf/<group>/<name>.yaml gives a component, `_target_` included: its includes of the
+    same group merged in (a variant such as badnets_pixel), interpolations resolved against an
+    empty run (`${oc.select:budget.x,D}` -> D)."""
     from bdrun.tuning import CONF_DIR
 
     path = CONF_DIR / group / f"{name}.yaml"
@@ -55,26 +54,26 @@ def component_values(group: str, name: str) -> dict[str, Any]:
         if entry == "_self_":
             own_first = False
             continue
-        merged = OmegaConf.merge(merged, component_values(group, str(entry)))
+        merged = OmegaConf.merge(merged, component_node(group, str(entry)))
     own = OmegaConf.masked_copy(loaded, [k for k in loaded if k != "defaults"])
     merged = OmegaConf.merge(own, merged) if own_first else OmegaConf.merge(merged, own)
-    values = OmegaConf.to_container(merged, resolve=True)
-    return {k: v for k, v in values.items() if k not in (*META_KEYS, "_target_")}
+    return OmegaConf.to_container(merged, resolve=True)
+
+
+def component_values(group: str, name: str) -> dict[str, Any]:
+    """component_node without `name` and `_target_`: the constructor's arguments. Component
+    constructors declare no defaults of their own: these values are the only ones
+    (tests/test_component_defaults.py)."""
+    node = component_node(group, name)
+    return {k: v for k, v in node.items() if k not in (*META_KEYS, "_target_")}
 
 
 def component(group: str, name: str, **overrides: Any) -> Any:
     """The component conf/<group>/<name>.yaml builds, with `overrides` of its values: what a
     notebook or a test uses to get, say, a Strip defense with the YAML's settings but 20
     overlays (`component("defense", "strip", n_overlays=20)`)."""
-    from bdrun.tuning import CONF_DIR
-
-    target = OmegaConf.load(CONF_DIR / group / f"{name}.yaml").get("_target_")
-    values = component_values(group, name)
-    unknown = sorted(set(overrides) - set(values))
+    node = component_node(group, name)
+    unknown = sorted(set(overrides) - set(node) - {*META_KEYS, "_target_"})
     if unknown:
         raise BdrunError(f"{group}.{unknown[0]} is not a setting of {group} {name}")
-    if target is None:  # a variant: the included file names the class
-        includes = OmegaConf.load(CONF_DIR / group / f"{name}.yaml").get("defaults") or []
-        base = next(str(e) for e in includes if e != "_self_")
-        target = OmegaConf.load(CONF_DIR / group / f"{base}.yaml")["_target_"]
-    return build({"_target_": target, **values, **overrides}, group)
+    return build({**node, **overrides}, group)

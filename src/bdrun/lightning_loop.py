@@ -114,13 +114,11 @@ class ClassifierModule(pl.LightningModule):
                 break
         if loss is None:
             loss = F.cross_entropy(logits, y, label_smoothing=self.settings.label_smoothing)
-        self.watch.observe(loss)
         with torch.no_grad():
+            loss_sum = loss.detach().float() * len(y)
             step = torch.stack(
-                [loss.detach().float() * len(y), (logits.argmax(1) == y).sum().float()]
+                [loss_sum, (logits.argmax(1) == y).sum(), loss_sum.new_tensor(len(y))]
             )
-            n = torch.tensor(float(len(y)), device=step.device)
-            step = torch.cat([step, n.view(1)])
             self.epoch_sums = step if self.epoch_sums is None else self.epoch_sums + step
         return loss
 
@@ -143,6 +141,8 @@ class ClassifierModule(pl.LightningModule):
         weights = list(self.model.state_dict().values())
         for hook in self.hooks:
             weights += [p for module in hook.modules().values() for p in module.parameters()]
+        if self.epoch_sums is not None:  # the loss sum is not finite once any loss was not
+            self.watch.observe(self.epoch_sums[0])
         self.watch.check(self.current_epoch + 1, weights)
         if self.epoch_sums is not None:
             # sums over every rank: the epoch's loss and accuracy over all its samples

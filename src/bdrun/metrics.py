@@ -98,8 +98,8 @@ def prediction_metrics(
     clean and the backdoor test set. `top_label_share` is the share of clean test inputs given
     the most common predicted label (a rejection by a detector counts as one label), and
     `degenerate` is true when it reaches DEGENERATE_SHARE."""
-    counts = clean_preds.bincount() if len(clean_preds) else torch.zeros(1)
-    top_share = int(counts.max()) / len(clean_preds) if len(clean_preds) else math.nan
+    n = len(clean_preds)
+    top_share = int(clean_preds.bincount().max()) / n if n else math.nan
     return {
         "cca": accuracy(clean_preds, test.y),
         "asr": accuracy(backdoor_preds, backdoor_test.y),

@@ -32,9 +32,9 @@ from bdrun.errors import BdrunError
 CONF_DIR = Path(bdrun.conf.__file__).resolve().parent
 TUNING_DIR = CONF_DIR / "tuning"
 STACK_KEY = "defense_stack"  # extra defenses of `defense=[a,b]` (see bdrun.cli)
-# groups whose files set keys above tuning (debug, experiment) and groups a command line picks
+# groups whose files set keys above tuning (debug, experiment), and every group a user picks from
 LATER_GROUPS = ("debug", "experiment")
-GROUPS = ("dataset", "model", "attack", "defense", "trainer", "logger", *LATER_GROUPS)
+USER_GROUPS = ("dataset", "model", "attack", "defense", "trainer", "logger", *LATER_GROUPS)
 
 
 def leaves(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
@@ -63,13 +63,13 @@ def group_file_keys(group: str, name: str) -> set[str]:
     path = CONF_DIR / group / f"{name}.yaml"
     if not path.is_file():
         return set()
-    content = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    text = path.read_text()
+    content = OmegaConf.to_container(OmegaConf.create(text), resolve=False) or {}
     keys: set[str] = set()
     for entry in content.get("defaults") or []:
         if isinstance(entry, str) and entry != "_self_":
             keys |= group_file_keys(group, entry)
-    header = path.read_text().lstrip().splitlines()[0] if path.read_text().strip() else ""
-    package = "" if "@package _global_" in header else f"{group}."
+    package = "" if "@package _global_" in text.split("\n", 1)[0] else f"{group}."
     body = {k: v for k, v in content.items() if k != "defaults"}
     return keys | {f"{package}{key}" for key, _ in leaves(body)}
 
@@ -79,7 +79,7 @@ def override_keys(overrides: Sequence[str]) -> set[str]:
     keys = set()
     for override in overrides:
         key = override.split("=", 1)[0].lstrip("+~")
-        if not key or "/" in key or "@" in key or key in GROUPS or key.startswith("hydra"):
+        if not key or "/" in key or "@" in key or key in USER_GROUPS or key.startswith("hydra"):
             continue
         keys.add(key)
     return keys

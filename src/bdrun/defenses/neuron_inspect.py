@@ -255,18 +255,16 @@ class NeuronInspect(Defense):
             )
         }
         ctx.record(
-            **{
-                "sparseness": sparse.tolist(),
-                "smoothness": smooth.tolist(),
-                "persistence": persist.tolist(),
-                "combined_feature": combined.tolist(),
-                "combined_median": median,
-                "combined_mad": mad,
-                "feature_anomaly_index": per_feature,
-                "heatmap_images": len(x),
-                "explanation": self.explanation,
-                "inspect_s": time.perf_counter() - started,
-            }
+            sparseness=sparse.tolist(),
+            smoothness=smooth.tolist(),
+            persistence=persist.tolist(),
+            combined_feature=combined.tolist(),
+            combined_median=median,
+            combined_mad=mad,
+            feature_anomaly_index=per_feature,
+            heatmap_images=len(x),
+            explanation=self.explanation,
+            inspect_s=time.perf_counter() - started,
         )
         plot = plot_label_heatmaps(
             mean_maps,
