@@ -14,7 +14,7 @@ thread. Needs Fashion-MNIST (Debian's dataset-fashion-mnist); each run takes min
 
 from __future__ import annotations
 
-from measure import Sweep, measured_runs, metric, pct, pick, show
+from measure import Sweep, labelled_results, measured_runs, metric, pct, show
 
 BASE = ("dataset=fashion_mnist", "attack=badnets", "defense=mcr")
 PATH_2000 = "defense.path_samples=2000"
@@ -121,10 +121,7 @@ def main() -> None:
     if runs is None:
         return
     rows = []
-    for label, sweep, keys in ROWS:
-        if sweep not in runs:
-            continue
-        results = pick(runs[sweep], **{k.replace(".", "__"): v for k, v in keys.items()})
+    for label, results in labelled_results(runs, ROWS):
         rows.append(
             [
                 label,

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,6 +136,15 @@ def pick(records: Iterable[JobRecord], **params: Any) -> dict[str, Any] | None:
     if len(found) > 1:
         raise ValueError(f"{len(found)} jobs match {wanted}")
     return found[0].results if found else None
+
+
+def labelled_results(
+    runs: dict[str, list[JobRecord]], rows: Iterable[tuple[str, str, dict[str, Any]]]
+) -> Iterator[tuple[str, dict[str, Any] | None]]:
+    """(label, results) of each page row (label, sweep, {override key: value}) whose sweep ran."""
+    for label, sweep, keys in rows:
+        if sweep in runs:
+            yield label, pick(runs[sweep], **{k.replace(".", "__"): v for k, v in keys.items()})
 
 
 def metric(results: dict[str, Any] | None, *path: str) -> Any:

@@ -13,7 +13,7 @@ dataset-fashion-mnist); each run takes minutes on a CPU, the whole list a few ho
 
 from __future__ import annotations
 
-from measure import Sweep, measured_runs, metric, pct, pick, show
+from measure import Sweep, labelled_results, measured_runs, metric, pct, show
 
 BASE = ("dataset=fashion_mnist", "attack=badnets", "defense=nad")
 AUTHORS = (*BASE, "defense.lr_epochs=2")  # their step schedule: two epochs at lr 0.1
@@ -89,10 +89,7 @@ def main() -> None:
     if runs is None:
         return
     rows = []
-    for label, sweep, keys in ROWS:
-        if sweep not in runs:
-            continue
-        results = pick(runs[sweep], **{k.replace(".", "__"): v for k, v in keys.items()})
+    for label, results in labelled_results(runs, ROWS):
         rows.append(
             [
                 label,
