@@ -21,7 +21,7 @@ from measure import ROOT, metric, num, pct, show
 
 sys.path.insert(0, str(ROOT / "tests"))
 
-from test_pretrained_csaw import IDENTITIES, write_synthetic_csaw  # noqa: E402
+from test_pretrained_csaw import defended, write_synthetic_csaw  # noqa: E402
 
 BLENDS = {
     "authors' sum (1 / 1)": ("defense.input_weight=1.0", "defense.overlay_weight=1.0"),
@@ -38,29 +38,17 @@ def main() -> None:
     parse = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parse.add_argument("--out", type=Path, default=ROOT / "outputs" / "experiments" / "strip_csaw")
     args = parse.parse_args()
-    from bdrun.compose import compose_config
-    from bdrun.runner import run
-
     root = args.out.resolve()
     root.mkdir(parents=True, exist_ok=True)
     os.environ["BDRUN_CACHE"] = str(root / "cache" / "threads-1")
     make_csaw(root)
     rows = []
     for label, overrides in BLENDS.items():
-        cfg = compose_config(
-            [
-                "experiment=csaw",
-                f"dataset.root={root}",
-                f"dataset.source.num_classes={IDENTITIES}",
-                f"attack.weights={root / 'bd_weights.h5'}",
-                f"attack.poisoned=[{root / 'sunglasses_poisoned_data.h5'}]",
-                "defense=strip",
-                "logger=none",
-                "trainer.num_threads=1",
-                *overrides,
-            ]
+        folder = root / label.split(" (")[0].replace(" ", "-").replace("'", "")
+        # the test module's run of the csaw experiment on these files, on one thread
+        results = defended(
+            {"root": root}, folder, "defense=strip", "trainer.num_threads=1", *overrides
         )
-        results = run(cfg, root / label.split(" (")[0].replace(" ", "-").replace("'", ""))
         rows.append(
             [
                 label,
