@@ -21,10 +21,9 @@ import torch.nn.functional as F
 from bdrun.data.base import to_float
 from bdrun.data.fake import FakeImages
 from bdrun.data.loader import InMemoryLoader
-from bdrun.lightning_loop import fit
 from bdrun.models.preact_resnet import PreActResNet18
 from bdrun.models.small_cnn import SmallCNN
-from bdrun.training import TrainSettings, hardware_settings, train_settings
+from bdrun.training import TrainSettings, fit, hardware_settings, train_settings
 
 SHAPES = {
     "fmnist": ((1, 28, 28), 60000, SmallCNN),

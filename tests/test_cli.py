@@ -238,30 +238,39 @@ def test_run_seed_takes_integers_only():
             run_seed(value)
 
 
-def test_a_run_whose_model_is_cached_does_not_import_lightning(tmp_path):
+def test_only_a_training_in_lightnings_loop_imports_lightning(tmp_path):
     import os
     import subprocess
     import sys
 
-    # the second run loads its model from the cache: Lightning (seconds to import) stays out
+    # Lightning takes seconds to import: a CPU run trains in the plain loop and a run whose
+    # model is cached trains nothing, so neither imports it; trainer.loop=lightning does
     code = (
         "import sys; from bdrun.cli import main; sys.argv = ['bdrun', 'logger=csv', "
-        f"'hydra.run.dir={tmp_path}/' + sys.argv[1]]\n"
+        f"'hydra.run.dir={tmp_path}/' + sys.argv[1], *sys.argv[2:]]\n"
         "try:\n    main()\nexcept SystemExit:\n    pass\n"
         "print('lightning imported:', 'pytorch_lightning' in sys.modules)"
     )
+    runs = {"first": [], "second": [], "lightning": ["trainer.loop=lightning", "cache=false"]}
     outputs = [
         subprocess.run(
-            [sys.executable, "-c", code, name],
+            [sys.executable, "-c", code, name, *overrides],
             capture_output=True,
             text=True,
             cwd=tmp_path,
             env={**os.environ, "BDRUN_CACHE": str(tmp_path / "cache")},  # first run: a miss
         ).stdout
-        for name in ("first", "second")
+        for name, overrides in runs.items()
     ]
-    assert "lightning imported: True" in outputs[0]  # it trained
+    assert "lightning imported: False" in outputs[0]  # it trained
     assert "lightning imported: False" in outputs[1]
+    assert "lightning imported: True" in outputs[2]
+    # the same training curves, to the digit
+    curves = [
+        (tmp_path / name / "train" / "metrics.csv").read_text() for name in ("first", "lightning")
+    ]
+    assert curves[0] == curves[1] and curves[0].startswith("epoch,step,train/acc,train/loss\n")
+    assert not (tmp_path / "second" / "train").exists()  # nothing trained
     assert json.loads((tmp_path / "second" / "results.json").read_text())["cache"] == {
         "model": "hit"
     }

@@ -123,6 +123,7 @@ def test_eval_labels_an_image_file(goodnet_folder, tmp_path, capsys):
     Image.fromarray((x[0].permute(1, 2, 0) * 255).round().byte().numpy()).save(path)
     assert eval_main([str(folder), str(path)]) == 0
     assert capsys.readouterr().out == f"{int(goodnet.predict(x)[0])}\n"
+    assert torch.is_grad_enabled()  # called in-process, it leaves the caller's grad mode
 
 
 def test_eval_labels_every_image_of_an_h5_file(goodnet_folder, tmp_path, capsys):

@@ -80,10 +80,21 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, sig, uninter
 
 
 def test_a_truncated_checkpoint_is_ignored_and_training_starts_over(tmp_path):
-    from bdrun.training import last_checkpoint
+    from bdrun.training import PLAIN_CHECKPOINT, last_checkpoint
 
     folder = tmp_path / "ckpt"
     folder.mkdir()
     (folder / "last.ckpt").write_bytes(b"PK\x03\x04 not a checkpoint")
-    assert last_checkpoint(folder) is None
+    assert last_checkpoint(folder, PLAIN_CHECKPOINT) is None
+    assert not (folder / "last.ckpt").exists()
+
+
+def test_a_checkpoint_of_the_other_loop_is_ignored(tmp_path):
+    from bdrun.training import LIGHTNING_CHECKPOINT, PLAIN_CHECKPOINT, last_checkpoint
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    torch.save({PLAIN_CHECKPOINT: 1, "epochs_done": 3}, folder / "last.ckpt")
+    assert last_checkpoint(folder, PLAIN_CHECKPOINT) == folder / "last.ckpt"
+    assert last_checkpoint(folder, LIGHTNING_CHECKPOINT) is None  # the loops share cache keys
     assert not (folder / "last.ckpt").exists()

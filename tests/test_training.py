@@ -8,10 +8,9 @@ import torch
 from bdrun.data.base import ImageSet
 from bdrun.data.fake import FakeImages
 from bdrun.errors import BdrunError
-from bdrun.lightning_loop import fit
 from bdrun.models.small_cnn import SmallCNN
 from bdrun.runner import run
-from bdrun.training import TrainingHook, hardware_settings, train_settings
+from bdrun.training import TrainingHook, fit, hardware_settings, train_settings
 
 from conftest import compose_config
 

@@ -24,7 +24,7 @@ from bdrun.loggers import RunLogger
 from bdrun.metrics import on_device, predict, prediction_metrics
 from bdrun.progress import track
 from bdrun.rng import generator
-from bdrun.training import HardwareSettings, TrainingHook, TrainSettings
+from bdrun.training import HardwareSettings, TrainingHook, TrainSettings, fit
 
 T = TypeVar("T")
 
@@ -161,8 +161,6 @@ class RunContext:
 
         `attack_hooks=False` leaves the attack's hooks out: a defender fine-tuning on its clean
         holdout does not run the attacker's training loop."""
-        from bdrun.lightning_loop import fit  # Lightning loads on the first training
-
         return fit(
             model if model is not None else self.new_model(),
             data,
@@ -170,7 +168,7 @@ class RunContext:
             self.hardware,
             self.seed,
             hooks=[*(self.attack_hooks if attack_hooks else ()), *hooks],
-            logger=self.logger.lightning(),
+            logger=self.logger,
             stream=stream,
             checkpoint_dir=checkpoint_dir,
         )

@@ -124,14 +124,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.batch_size < 1:
             raise BdrunError(f"--batch-size={args.batch_size} must be >= 1")
-        torch.set_grad_enabled(False)
-        exported = load_model(args.model)
-        for path in args.inputs:
-            labels, stored = evaluate_file(exported, path, args)
-            sys.stdout.write("".join(f"{label}\n" for label in labels.tolist()))
-            if stored is not None and len(stored):
-                share = float((labels == stored).float().mean())
-                print(f"{path}: {100 * share:.2f}% of {len(stored)} labels match", file=sys.stderr)
+        with torch.no_grad():  # not torch.set_grad_enabled: callers in-process keep their mode
+            exported = load_model(args.model)
+            for path in args.inputs:
+                labels, stored = evaluate_file(exported, path, args)
+                sys.stdout.write("".join(f"{label}\n" for label in labels.tolist()))
+                if stored is not None and len(stored):
+                    share = float((labels == stored).float().mean())
+                    print(
+                        f"{path}: {100 * share:.2f}% of {len(stored)} labels match",
+                        file=sys.stderr,
+                    )
     except BdrunError as err:
         print(f"bdrun-eval: error: {err}", file=sys.stderr)
         return 2

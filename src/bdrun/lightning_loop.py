@@ -1,6 +1,6 @@
-"""Training: the LightningModule around a plain nn.Module and `fit`, the Trainer set-up.
-Imported only where a model is actually trained (RunContext.train), so runs that load every
-model from the cache, and user errors, do not pay for importing Lightning.
+"""Training in Lightning's loop: the LightningModule around a plain nn.Module and `fit`, the
+Trainer set-up. `bdrun.training.fit` imports it for trainings that need Lightning (GPUs, DDP,
+mixed precision, trainer.loop=lightning), so other runs never pay for importing Lightning.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch import Tensor, nn
 
@@ -21,14 +20,20 @@ from bdrun.data.base import ImageSet, to_float
 from bdrun.data.loader import InMemoryLoader
 from bdrun.errors import BdrunError, TrainingDiverged, TrainingInterrupted
 from bdrun.finite import DivergenceWatch
+from bdrun.loggers import RunLogger
 from bdrun.rng import seeded_global
 from bdrun.training import (
     CHECKPOINT_FILE,
+    LIGHTNING_CHECKPOINT,
     HardwareSettings,
     TrainingHook,
     TrainSettings,
     last_checkpoint,
+    optimizer_and_scheduler,
+    stage_name,
+    step_loss,
     torch_threads,
+    trained_weights,
 )
 
 
@@ -103,23 +108,8 @@ class ClassifierModule(pl.LightningModule):
         return x, y, pos
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        x, y, pos = batch
-        for hook in self.hooks:
-            x, y = hook.on_batch(x, y, pos, self)
-        logits = self.model(x)
-        loss = None
-        for hook in self.hooks:
-            loss = hook.loss(logits, y, pos, self)
-            if loss is not None:
-                break
-        if loss is None:
-            loss = F.cross_entropy(logits, y, label_smoothing=self.settings.label_smoothing)
-        with torch.no_grad():
-            loss_sum = loss.detach().float() * len(y)
-            step = torch.stack(
-                [loss_sum, (logits.argmax(1) == y).sum(), loss_sum.new_tensor(len(y))]
-            )
-            self.epoch_sums = step if self.epoch_sums is None else self.epoch_sums + step
+        loss, sums = step_loss(self, self.hooks, batch)
+        self.epoch_sums = sums if self.epoch_sums is None else self.epoch_sums + sums
         return loss
 
     def setup(self, stage: str) -> None:
@@ -135,15 +125,10 @@ class ClassifierModule(pl.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         # before the epoch's checkpoint is written (Lightning saves it after this hook), and
-        # before the hooks act on a model that may be NaN; raising ends trainer.fit. Of the
-        # hooks' modules only the parameters: their buffers may be records that start at -inf
-        # (ABL's worst loss so far) or NaN (no accuracy yet)
-        weights = list(self.model.state_dict().values())
-        for hook in self.hooks:
-            weights += [p for module in hook.modules().values() for p in module.parameters()]
+        # before the hooks act on a model that may be NaN; raising ends trainer.fit
         if self.epoch_sums is not None:  # the loss sum is not finite once any loss was not
             self.watch.observe(self.epoch_sums[0])
-        self.watch.check(self.current_epoch + 1, weights)
+        self.watch.check(self.current_epoch + 1, trained_weights(self.model, self.hooks))
         if self.epoch_sums is not None:
             # sums over every rank: the epoch's loss and accuracy over all its samples
             loss_sum, correct, seen = self.trainer.strategy.reduce(
@@ -155,28 +140,8 @@ class ClassifierModule(pl.LightningModule):
             hook.on_epoch_end(self)
 
     def configure_optimizers(self) -> Any:
-        s = self.settings
-        params = self.model.parameters()
-        if s.optimizer == "sgd":
-            opt = torch.optim.SGD(
-                params,
-                lr=s.lr,
-                momentum=s.momentum,
-                weight_decay=s.weight_decay,
-                nesterov=s.momentum > 0,
-            )
-        elif s.optimizer == "adam":
-            opt = torch.optim.Adam(params, lr=s.lr, weight_decay=s.weight_decay)
-        else:
-            opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
-        epochs = max(s.epochs, 1)
-        if s.scheduler == "cosine":
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
-        elif s.scheduler == "step":
-            sched = torch.optim.lr_scheduler.MultiStepLR(
-                opt, milestones=[epochs // 2, 3 * epochs // 4], gamma=0.1
-            )
-        else:
+        opt, sched = optimizer_and_scheduler(self.model.parameters(), self.settings)
+        if sched is None:
             return opt
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
 
@@ -192,11 +157,6 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*`srun` command is available.*")
 
 
-def stage_name(stream: str) -> str:
-    """What a training of `stream` is, as a divergence message names it."""
-    return "the poisoned model's training" if stream == "train" else f"training stream {stream!r}"
-
-
 DIVERGED_IN_WORKER = f"{TrainingDiverged.__module__}.{TrainingDiverged.__name__}: "
 
 
@@ -207,24 +167,12 @@ def fit(
     hardware: HardwareSettings,
     seed: int,
     hooks: list[TrainingHook] | tuple[TrainingHook, ...] = (),
-    logger: Any = False,
+    logger: RunLogger | None = None,
     stream: str = "train",
     checkpoint_dir: Path | None = None,
 ) -> nn.Module:
-    """Train `model` in place on `data` and return it on the CPU in eval mode.
-
-    The global RNG (model dropout, cuDNN) is seeded from (seed, stream) for the duration, so the
-    same seed gives the same weights on CPU.
-
-    `checkpoint_dir`: where to keep a checkpoint of the last finished epoch; a training that
-    finds one there (an earlier run was killed or got SIGTERM) resumes from it. Ignored when a
-    hook is not `resumable`. On SIGTERM the training stops after the current batch and raises
-    TrainingInterrupted.
-
-    A loss or weights that stop being finite end the training at that epoch's end with
-    TrainingDiverged (naming `stream`'s stage, the epoch and train.lr); its checkpoint is
-    removed, as resuming would diverge again.
-    """
+    """`bdrun.training.fit` in Lightning's loop, the one for GPUs, DDP and mixed precision
+    (the semantics are there). `logger`'s Lightning logger takes the training curves."""
     quiet_lightning()
     if len(data) == 0:
         raise BdrunError("the training set is empty")
@@ -267,7 +215,7 @@ def fit(
             max_epochs=settings.epochs,
             deterministic=hardware.deterministic,
             benchmark=hardware.benchmark,
-            logger=logger,
+            logger=logger.lightning() if logger is not None else False,
             enable_checkpointing=resume,
             callbacks=callbacks,
             enable_model_summary=False,
@@ -277,7 +225,7 @@ def fit(
             log_every_n_steps=1,
         )
         if settings.epochs > 0:
-            ckpt = last_checkpoint(Path(checkpoint_dir)) if resume else None
+            ckpt = last_checkpoint(Path(checkpoint_dir), LIGHTNING_CHECKPOINT) if resume else None
             if ckpt is not None:
                 logging.getLogger(__name__).info("resuming training from %s", ckpt)
             try:

@@ -32,6 +32,10 @@ class RunLogger:
     def _new_lightning(self) -> Any:
         return False
 
+    def log_training(self, metrics: dict[str, float], epoch: int, step: int) -> None:
+        """One epoch's training figures (train/loss, train/acc) from the plain loop, in the
+        form Lightning's logger gives them (epoch, and step = the epoch's last global step)."""
+
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         pass
 
@@ -59,12 +63,27 @@ class RunLogger:
 
 
 class CsvRunLogger(RunLogger):
-    """Training curves via Lightning's CSVLogger under train/; tables as <name>.csv files."""
+    """Training curves in train/metrics.csv (one row per epoch, columns sorted as Lightning's
+    CSVLogger writes them, which takes them in Lightning's loop); tables as <name>.csv files."""
+
+    def __init__(self, run_dir: Path) -> None:
+        super().__init__(run_dir)
+        self._training_rows: list[dict[str, float]] = []
 
     def _new_lightning(self) -> Any:
         from pytorch_lightning.loggers import CSVLogger
 
         return CSVLogger(self.run_dir, name="train", version="")
+
+    def log_training(self, metrics: dict[str, float], epoch: int, step: int) -> None:
+        self._training_rows.append({**metrics, "epoch": epoch, "step": step})
+        columns = sorted(set().union(*self._training_rows))
+        path = self.run_dir / "train" / "metrics.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(path) as tmp, open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(self._training_rows)
 
     def log_table(self, name: str, columns: list[str], rows: list[list[Any]]) -> None:
         path = self.run_dir / f"{name.replace('/', '_')}.csv"
@@ -94,6 +113,7 @@ class WandbRunLogger(CsvRunLogger):
         import wandb
 
         self._wandb = wandb
+        self._training_axis = False
         self.run = wandb.init(
             project=project,
             entity=entity,
@@ -114,6 +134,14 @@ class WandbRunLogger(CsvRunLogger):
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         self.run.log(metrics, step=step)
+
+    def log_training(self, metrics: dict[str, float], epoch: int, step: int) -> None:
+        super().log_training(metrics, epoch, step)
+        if not self._training_axis:  # as Lightning's WandbLogger plots them
+            self.run.define_metric("trainer/global_step")
+            self.run.define_metric("train/*", step_metric="trainer/global_step", step_sync=True)
+            self._training_axis = True
+        self.run.log({**metrics, "epoch": epoch, "trainer/global_step": step})
 
     def log_table(self, name: str, columns: list[str], rows: list[list[Any]]) -> None:
         super().log_table(name, columns, rows)

@@ -1,6 +1,12 @@
-"""Training settings, hooks and checkpoints. Training itself (a LightningModule around a plain
-nn.Module, fed by the in-memory loader) is `bdrun.lightning_loop.fit`, imported where a model is
-trained, so runs that train nothing never import Lightning.
+"""Training settings, hooks, checkpoints, the optimisation step both training loops share, and
+`fit`, which picks the loop.
+
+Two loops train a model, with the same arithmetic (tests/test_training_loops.py holds them to
+the same weights):
+- `bdrun.plain_loop`: one process on the CPU in full precision, the default there. It imports
+  nothing beyond torch, so a run does not pay Lightning's import (3 to 4 s, docs/speed.md).
+- `bdrun.lightning_loop`: a LightningModule around the model, for everything else (GPUs, DDP,
+  mixed precision) and wherever `trainer.loop=lightning` asks for it.
 
 Training-time attacks and defenses plug in as TrainingHooks: they may rewrite each batch
 (WaNet, input-aware triggers) or the loss (ABL), and see every epoch end.
@@ -13,9 +19,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bdrun.data.base import ImageSet
@@ -23,11 +30,10 @@ from bdrun.errors import BdrunError
 from bdrun.progress import enabled as progress_enabled
 from bdrun.validate import coerce
 
-if TYPE_CHECKING:
-    from bdrun.lightning_loop import ClassifierModule
-
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("cosine", "step", "none")
+LOOPS = ("auto", "plain", "lightning")
+PLAIN_PRECISIONS = ("32-true", "32", 32)
 
 
 def run_seed(value: Any) -> int:
@@ -104,6 +110,8 @@ class HardwareSettings:
     progress: true, false, or auto (on for a terminal, off under CI=true).
     data_on_device: keep the training images on the GPU (true, false, or auto: when they take
         at most DATA_ON_DEVICE_AUTO_BYTES); no effect on the CPU.
+    loop: which training loop runs (module docstring): auto (the plain loop where it can, one
+        process on the CPU in full precision; Lightning elsewhere), plain, or lightning.
     """
 
     accelerator: str
@@ -116,6 +124,7 @@ class HardwareSettings:
     num_threads: int | None
     progress: Any
     data_on_device: Any
+    loop: str
 
     @classmethod
     def from_config(cls, node: Any) -> HardwareSettings:
@@ -131,7 +140,34 @@ class HardwareSettings:
             raise BdrunError(
                 f"trainer.{missing[0]} has no value; set it, e.g. trainer.{missing[0]}=..."
             )
-        return cls(**values)
+        settings = cls(**values)
+        if settings.loop not in LOOPS:
+            raise BdrunError(f"trainer.loop={settings.loop!r} must be one of {', '.join(LOOPS)}")
+        if settings.loop == "plain" and not settings.plain_loop_fits():
+            raise BdrunError(
+                "trainer.loop=plain trains in one process on the CPU in full precision only "
+                f"(this trainer: accelerator {settings.accelerator}, devices {settings.devices}, "
+                f"strategy {settings.strategy}, precision {settings.precision}); "
+                "use trainer.loop=auto"
+            )
+        return settings
+
+    def plain_loop_fits(self) -> bool:
+        """Whether the plain loop can run this training: one process on the CPU (accelerator
+        cpu, or auto without a GPU), one device, no distributed strategy, full precision."""
+        on_cpu = self.accelerator == "cpu" or (
+            self.accelerator == "auto" and not torch.cuda.is_available()
+        )
+        return (
+            on_cpu
+            and str(self.devices) in ("1", "auto")
+            and str(self.strategy) in ("auto", "single_device")
+            and self.precision in PLAIN_PRECISIONS
+        )
+
+    def uses_lightning(self) -> bool:
+        """Whether trainings run in Lightning's loop (`loop`, see the class docstring)."""
+        return self.loop == "lightning" or not self.plain_loop_fits()
 
     def device(self) -> torch.device:
         """The device that evaluation and defenses use in this process."""
@@ -174,6 +210,21 @@ def hardware_settings(trainer: str = "cpu", **changes: Any) -> HardwareSettings:
     return HardwareSettings.from_config({**values, **changes})
 
 
+class Trainee(Protocol):
+    """What a TrainingHook sees of the training that calls it, in either loop: the model being
+    trained, its data and settings, the device, and `trainer` with `world_size`, `optimizers`
+    (the classifier's optimizer first) and `should_stop` (set it to end the training after the
+    current epoch)."""
+
+    model: nn.Module
+    data: ImageSet
+    settings: TrainSettings
+    trainer: Any
+
+    @property
+    def device(self) -> torch.device: ...
+
+
 class TrainingHook:
     """Base for code that acts inside the training loop; every method is optional.
 
@@ -184,25 +235,21 @@ class TrainingHook:
 
     resumable = False
 
-    def on_batch(
-        self, x: Tensor, y: Tensor, pos: Tensor, module: ClassifierModule
-    ) -> tuple[Tensor, Tensor]:
+    def on_batch(self, x: Tensor, y: Tensor, pos: Tensor, module: Trainee) -> tuple[Tensor, Tensor]:
         """Rewrite a float batch (pos = rows of the training set) before the forward pass."""
         return x, y
 
-    def loss(
-        self, logits: Tensor, y: Tensor, pos: Tensor, module: ClassifierModule
-    ) -> Tensor | None:
+    def loss(self, logits: Tensor, y: Tensor, pos: Tensor, module: Trainee) -> Tensor | None:
         """A replacement loss for this batch, or None for cross-entropy."""
         return None
 
-    def on_epoch_end(self, module: ClassifierModule) -> None:
+    def on_epoch_end(self, module: Trainee) -> None:
         """Called after every training epoch."""
 
-    def on_train_start(self, module: ClassifierModule) -> None:
+    def on_train_start(self, module: Trainee) -> None:
         """Called before the first batch of every training run (reset per-run state here)."""
 
-    def on_after_backward(self, module: ClassifierModule) -> None:
+    def on_after_backward(self, module: Trainee) -> None:
         """Called after the loss's backward pass (step the hook's own optimizer here)."""
 
     def modules(self) -> dict[str, nn.Module]:
@@ -211,6 +258,113 @@ class TrainingHook:
         The model cache stores them in the classifier's entry and loads them back on a hit.
         """
         return {}
+
+
+def optimizer_and_scheduler(
+    params: Any, s: TrainSettings
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
+    """The optimizer of train.optimizer and the per-epoch scheduler of train.scheduler (None
+    for `none`). SGD uses Nesterov momentum whenever momentum > 0."""
+    if s.optimizer == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(
+            params,
+            lr=s.lr,
+            momentum=s.momentum,
+            weight_decay=s.weight_decay,
+            nesterov=s.momentum > 0,
+        )
+    elif s.optimizer == "adam":
+        opt = torch.optim.Adam(params, lr=s.lr, weight_decay=s.weight_decay)
+    else:
+        opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+    epochs = max(s.epochs, 1)
+    if s.scheduler == "cosine":
+        return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+    if s.scheduler == "step":
+        milestones = [epochs // 2, 3 * epochs // 4]
+        return opt, torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
+    return opt, None
+
+
+def step_loss(
+    trainee: Trainee, hooks: list[TrainingHook], batch: tuple[Tensor, Tensor, Tensor]
+) -> tuple[Tensor, Tensor]:
+    """One training step's forward pass: the hooks rewrite the float batch, the first hook
+    with a loss of its own replaces cross-entropy. Returns the loss and the step's sums
+    (loss x samples, correct predictions, samples) as one tensor on the device, for the
+    epoch's figures without a read-back per step."""
+    x, y, pos = batch
+    for hook in hooks:
+        x, y = hook.on_batch(x, y, pos, trainee)
+    logits = trainee.model(x)
+    loss = None
+    for hook in hooks:
+        loss = hook.loss(logits, y, pos, trainee)
+        if loss is not None:
+            break
+    if loss is None:
+        loss = F.cross_entropy(logits, y, label_smoothing=trainee.settings.label_smoothing)
+    with torch.no_grad():
+        loss_sum = loss.detach().float() * len(y)
+        sums = torch.stack([loss_sum, (logits.argmax(1) == y).sum(), loss_sum.new_tensor(len(y))])
+    return loss, sums
+
+
+def trained_weights(model: nn.Module, hooks: list[TrainingHook]) -> list[Tensor]:
+    """What an epoch end checks for NaN / inf: the model's state and the parameters of the
+    modules the hooks train (not their buffers: records that start at -inf, like ABL's worst
+    loss so far, or NaN before a first value)."""
+    weights = list(model.state_dict().values())
+    for hook in hooks:
+        weights += [p for module in hook.modules().values() for p in module.parameters()]
+    return weights
+
+
+def stage_name(stream: str) -> str:
+    """What a training of `stream` is, as a divergence message names it."""
+    return "the poisoned model's training" if stream == "train" else f"training stream {stream!r}"
+
+
+def fit(
+    model: nn.Module,
+    data: ImageSet,
+    settings: TrainSettings,
+    hardware: HardwareSettings,
+    seed: int,
+    hooks: list[TrainingHook] | tuple[TrainingHook, ...] = (),
+    logger: Any = None,
+    stream: str = "train",
+    checkpoint_dir: Path | None = None,
+) -> nn.Module:
+    """Train `model` in place on `data` and return it on the CPU in eval mode, in the loop
+    `hardware` asks for (HardwareSettings.uses_lightning); both share these semantics:
+
+    - The global RNG (model dropout, cuDNN) is seeded from (seed, stream) for the duration, so
+      the same seed gives the same weights on CPU.
+    - `logger`: the run's RunLogger (or None); it receives train/loss and train/acc per epoch.
+    - `checkpoint_dir`: where to keep a checkpoint of the last finished epoch; a training that
+      finds one there (an earlier run was killed or got SIGTERM) resumes from it. Ignored when
+      a hook is not `resumable`. On SIGTERM the training stops after the current batch and
+      raises TrainingInterrupted.
+    - A loss or weights that stop being finite end the training at that epoch's end with
+      TrainingDiverged (naming `stream`'s stage, the epoch and train.lr); its checkpoint is
+      removed, as resuming would diverge again.
+    """
+    if hardware.uses_lightning():
+        from bdrun.lightning_loop import fit as loop_fit
+    else:
+        from bdrun.plain_loop import fit as loop_fit
+    return loop_fit(
+        model,
+        data,
+        settings,
+        hardware,
+        seed,
+        hooks=hooks,
+        logger=logger,
+        stream=stream,
+        checkpoint_dir=checkpoint_dir,
+    )
 
 
 @contextmanager
@@ -228,16 +382,23 @@ def torch_threads(count: int | None) -> Iterator[None]:
 
 
 CHECKPOINT_FILE = "last.ckpt"
+# the key that tells which loop wrote a checkpoint: both keep theirs under the same cache key
+PLAIN_CHECKPOINT = "bdrun_plain_loop"
+LIGHTNING_CHECKPOINT = "pytorch-lightning_version"
 
 
-def last_checkpoint(folder: Path) -> Path | None:
+def last_checkpoint(folder: Path, written_by: str) -> Path | None:
     """The checkpoint in `folder` if it loads as plain tensors and containers (we wrote it;
-    weights_only keeps even a tampered file from running code), else None (and it is removed)."""
+    weights_only keeps even a tampered file from running code) and holds the key `written_by`
+    (PLAIN_CHECKPOINT or LIGHTNING_CHECKPOINT: the loop that reads it wrote it), else None (and
+    it is removed: the training starts over)."""
     path = folder / CHECKPOINT_FILE
     if not path.is_file():
         return None
     try:
-        torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or written_by not in state:
+            raise ValueError("written by the other training loop")
     except Exception as err:  # truncated or foreign: train from scratch
         logging.getLogger(__name__).warning("ignoring unreadable checkpoint %s: %s", path, err)
         path.unlink(missing_ok=True)

@@ -19,11 +19,10 @@ from bdrun.errors import BdrunError
 from bdrun.finite import DivergenceWatch
 from bdrun.metrics import accuracy
 from bdrun.rng import derive_seed, generator, seeded_global
-from bdrun.training import TrainingHook
+from bdrun.training import Trainee, TrainingHook
 
 if TYPE_CHECKING:
     from bdrun.context import RunContext
-    from bdrun.lightning_loop import ClassifierModule
     from bdrun.state import RunData
 
 
@@ -253,7 +252,7 @@ class InputAwareHook(TrainingHook):
     def modules(self) -> dict[str, nn.Module]:
         return {"generator": self.attack.pattern_net, "mask": self.attack.mask_net}
 
-    def on_train_start(self, module: ClassifierModule) -> None:
+    def on_train_start(self, module: Trainee) -> None:
         if module.trainer.world_size > 1:
             raise BdrunError(
                 "attack=input_aware trains its generator in one process; use trainer=cpu or gpu"
@@ -266,7 +265,7 @@ class InputAwareHook(TrainingHook):
         self._g = generator(attack.seed, "input-aware-batches")
 
     def on_batch(
-        self, x: Tensor, y: Tensor, pos: Tensor, module: ClassifierModule
+        self, x: Tensor, y: Tensor, pos: Tensor, module: Trainee
     ) -> tuple[Tensor, Tensor]:
         poisoned = module.data.poison[pos.cpu()]
         bd_rows = poisoned.nonzero().flatten()
@@ -304,14 +303,14 @@ class InputAwareHook(TrainingHook):
             )
         return out, y
 
-    def follow_classifier_schedule(self, module: ClassifierModule) -> None:
+    def follow_classifier_schedule(self, module: Trainee) -> None:
         """G's lr = lr_pattern x (the classifier's lr now / its initial lr)."""
         now, base = module.trainer.optimizers[0].param_groups[0]["lr"], module.settings.lr
         for group in self.opt.param_groups:
             group["lr"] = self.attack.lr_pattern * (now / base if base > 0 else 1.0)
 
     def loss(
-        self, logits: Tensor, y: Tensor, pos: Tensor, module: ClassifierModule
+        self, logits: Tensor, y: Tensor, pos: Tensor, module: Trainee
     ) -> Tensor | None:
         if self._diversity is None:
             return None
@@ -320,6 +319,6 @@ class InputAwareHook(TrainingHook):
         self._diversity = None
         return loss
 
-    def on_after_backward(self, module: ClassifierModule) -> None:
+    def on_after_backward(self, module: Trainee) -> None:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)

@@ -15,11 +15,10 @@ from bdrun.data.base import DataInfo, to_float
 from bdrun.errors import BdrunError
 from bdrun.metrics import accuracy
 from bdrun.rng import generator
-from bdrun.training import TrainingHook
+from bdrun.training import Trainee, TrainingHook
 
 if TYPE_CHECKING:
     from bdrun.context import RunContext
-    from bdrun.lightning_loop import ClassifierModule
     from bdrun.state import RunData
 
 
@@ -119,11 +118,11 @@ class WarpNoiseHook(TrainingHook):
         self.share = attack.poison_rate * attack.cross_ratio
         self._g = generator(attack.seed, "wanet-noise")
 
-    def on_train_start(self, module: ClassifierModule) -> None:
+    def on_train_start(self, module: Trainee) -> None:
         self._g = generator(self.attack.seed, "wanet-noise")  # same numbers for every run
 
     def on_batch(
-        self, x: Tensor, y: Tensor, pos: Tensor, module: ClassifierModule
+        self, x: Tensor, y: Tensor, pos: Tensor, module: Trainee
     ) -> tuple[Tensor, Tensor]:
         clean_rows = (~module.data.poison[pos.cpu()]).nonzero().flatten()
         count = min(round(len(x) * self.share), len(clean_rows))

@@ -25,11 +25,10 @@ from bdrun.data.base import ImageSet
 from bdrun.defenses.base import Defense, Trained
 from bdrun.errors import BdrunError
 from bdrun.metrics import accuracy, logits_of
-from bdrun.training import TrainingHook, TrainSettings
+from bdrun.training import Trainee, TrainingHook, TrainSettings
 
 if TYPE_CHECKING:
     from bdrun.context import RunContext
-    from bdrun.lightning_loop import ClassifierModule
     from bdrun.state import RunData
 
 log = logging.getLogger(__name__)
@@ -38,7 +37,7 @@ LOSSES = ("lga", "flooding")
 SCORES = ("late_max", "last")
 
 
-def training_set_logits(module: ClassifierModule, rows: slice = slice(None)) -> Tensor:
+def training_set_logits(module: Trainee, rows: slice = slice(None)) -> Tensor:
     """Logits of the training set's `rows` under the model being trained (eval mode, batched),
     at an epoch's end; the model goes back to training mode."""
     x = module.data.x[rows]
@@ -81,18 +80,18 @@ class IsolationLoss(TrainingHook):
         self.record = record
         self.resumable = record is None  # the record is state of its own
 
-    def loss(self, logits: Tensor, y: Tensor, pos: Tensor, module: ClassifierModule) -> Tensor:
+    def loss(self, logits: Tensor, y: Tensor, pos: Tensor, module: Trainee) -> Tensor:
         ce = F.cross_entropy(logits, y)
         if self.kind == "lga":
             return torch.sign(ce - self.gamma) * ce
         return (ce - self.flooding).abs() + self.flooding
 
-    def on_train_start(self, module: ClassifierModule) -> None:
+    def on_train_start(self, module: Trainee) -> None:
         if self.record is not None:
             self.record.reset()
 
     @torch.no_grad()
-    def on_epoch_end(self, module: ClassifierModule) -> None:
+    def on_epoch_end(self, module: Trainee) -> None:
         if self.record is None:
             return
         losses = F.cross_entropy(training_set_logits(module), module.data.y, reduction="none")
@@ -107,7 +106,7 @@ class GradientAscent(TrainingHook):
 
     resumable = True
 
-    def loss(self, logits: Tensor, y: Tensor, pos: Tensor, module: ClassifierModule) -> Tensor:
+    def loss(self, logits: Tensor, y: Tensor, pos: Tensor, module: Trainee) -> Tensor:
         return -F.cross_entropy(logits, y)
 
 
@@ -118,7 +117,7 @@ class MarginUnlearning(TrainingHook):
 
     resumable = True
 
-    def loss(self, logits: Tensor, y: Tensor, pos: Tensor, module: ClassifierModule) -> Tensor:
+    def loss(self, logits: Tensor, y: Tensor, pos: Tensor, module: Trainee) -> Tensor:
         given = logits.gather(1, y[:, None]).squeeze(1)
         best_other = logits.scatter(1, y[:, None], float("-inf")).amax(1)
         return (given - best_other).clamp(min=0).mean()
@@ -139,7 +138,7 @@ class AnchoredUnlearning(TrainingHook):
         self.unlearn = unlearn
         self.forget = forget
 
-    def loss(self, logits: Tensor, y: Tensor, pos: Tensor, module: ClassifierModule) -> Tensor:
+    def loss(self, logits: Tensor, y: Tensor, pos: Tensor, module: Trainee) -> Tensor:
         forget = pos.to(logits.device) < self.forget
         loss = logits.new_zeros(())
         if forget.any():
@@ -172,12 +171,12 @@ class UnlearningStop(TrainingHook):
         self.isolated = isolated
         self.record = UnlearningRecord()
 
-    def on_train_start(self, module: ClassifierModule) -> None:
+    def on_train_start(self, module: Trainee) -> None:
         self.record.epochs.zero_()
         self.record.accuracy.fill_(torch.nan)
 
     @torch.no_grad()
-    def on_epoch_end(self, module: ClassifierModule) -> None:
+    def on_epoch_end(self, module: Trainee) -> None:
         rows = slice(self.isolated)
         logits = training_set_logits(module, rows)
         isolated_acc = accuracy(logits.argmax(1), module.data.y[rows])

@@ -25,7 +25,7 @@ from bdrun.defenses.base import NOTHING_CARRIED, Carried, Defense, require_holdo
 from bdrun.defenses.pruning import copy_model
 from bdrun.errors import BdrunError
 from bdrun.models.probes import get_module
-from bdrun.training import TrainingHook, TrainSettings
+from bdrun.training import Trainee, TrainingHook, TrainSettings
 from bdrun.validate import check_schedule, check_sgd, coerce
 
 if TYPE_CHECKING:
@@ -33,7 +33,6 @@ if TYPE_CHECKING:
 
     from bdrun.context import RunContext
     from bdrun.data.base import ImageSet
-    from bdrun.lightning_loop import ClassifierModule
     from bdrun.state import RunData
 
 log = logging.getLogger(__name__)
@@ -94,7 +93,7 @@ class Augmentation(TrainingHook):
         self.padding, self.flip, self.cutout = padding, flip, cutout
 
     def on_batch(
-        self, x: Tensor, y: Tensor, pos: Tensor, module: ClassifierModule
+        self, x: Tensor, y: Tensor, pos: Tensor, module: Trainee
     ) -> tuple[Tensor, Tensor]:
         return augment(x, self.padding, self.flip, self.cutout), y
 
@@ -129,20 +128,20 @@ class AttentionDistillation(TrainingHook):
 
             self.handles.append(get_module(model, name).register_forward_hook(keep))
 
-    def on_train_start(self, module: ClassifierModule) -> None:
+    def on_train_start(self, module: Trainee) -> None:
         self.close()
         self.teacher.to(module.device)
         self._capture(module.model, self.student_out)
         self._capture(self.teacher, self.teacher_out)
 
     def on_batch(
-        self, x: Tensor, y: Tensor, pos: Tensor, module: ClassifierModule
+        self, x: Tensor, y: Tensor, pos: Tensor, module: Trainee
     ) -> tuple[Tensor, Tensor]:
         with torch.no_grad():
             self.teacher(x)
         return x, y
 
-    def loss(self, logits: Tensor, y: Tensor, pos: Tensor, module: ClassifierModule) -> Tensor:
+    def loss(self, logits: Tensor, y: Tensor, pos: Tensor, module: Trainee) -> Tensor:
         total = F.cross_entropy(logits, y, label_smoothing=module.settings.label_smoothing)
         for name, beta in zip(self.layers, self.betas, strict=True):
             if beta:
