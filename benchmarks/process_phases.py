@@ -5,7 +5,7 @@ Hydra), then runs `bdrun.cli.main` on the given overrides with timers wrapped ar
 functions of each phase (wall time, cumulative, nested phases inside their parents):
 
 - check_overrides: bdrun's own composition and checks before Hydra's;
-- hydra: from main() to the task, less check_overrides (Hydra's composition and job set-up);
+- Hydra: the task less the run and the summary printout (Hydra's composition, job set-up);
 - setup: the run's set-up (data, attack, model factory, logger), holding
   - load_splits: reading and splitting the dataset;
 - content_key: hashing the training tensors for the model cache;
@@ -39,9 +39,12 @@ import torch
 torch_s = time.perf_counter() - started
 import bdrun.cli as cli
 import bdrun.context as context
+import bdrun.plain_loop as plain_loop
+import bdrun.report.console as console
 import bdrun.runner as runner
 cli_s = time.perf_counter() - started - torch_s
 spent = {}
+calls = {}
 
 def timed(owner, name, label):
     inner = getattr(owner, name)
@@ -51,15 +54,18 @@ def timed(owner, name, label):
             return inner(*args, **kwargs)
         finally:
             spent[label] = spent.get(label, 0.0) + time.perf_counter() - begun
+            calls[label] = calls.get(label, 0) + 1
     setattr(owner, name, wrapper)
 
 timed(cli, "check_overrides", "check_overrides")
 timed(cli, "_task", "task")
+timed(runner, "run", "run")
+timed(console, "print_summary", "summary")
 timed(runner, "setup", "setup")
+timed(plain_loop, "optimizer_and_scheduler", "optimizer")
 timed(runner, "load_splits", "load_splits")
 timed(context, "content_key", "content_key")
 timed(context, "fit", "fit")
-timed(context.RunContext, "evaluate", "evaluate")
 timed(context.Scorer, "evaluate", "evaluate")
 timed(runner, "export_run", "write")
 timed(runner, "write_json_atomic", "write")
@@ -69,7 +75,7 @@ try:
     cli.main()
 except SystemExit:
     pass
-print("PHASES " + json.dumps({"torch": torch_s, "cli": cli_s, "main": time.perf_counter() - main_started, **spent}))
+print("PHASES " + json.dumps({"torch": torch_s, "cli": cli_s, "main": time.perf_counter() - main_started, "fit_calls": calls.get("fit", 0), **spent}))
 """
 
 
@@ -89,20 +95,23 @@ def one_run(overrides: list[str]) -> dict[str, float]:
     wall = time.perf_counter() - started
     [line] = [ln for ln in done.stdout.splitlines() if ln.startswith("PHASES ")]
     phases = json.loads(line.removeprefix("PHASES "))
-    inside = phases["main"] - phases.get("check_overrides", 0.0) - phases.get("task", 0.0)
+    task, run = phases.get("task", 0.0), phases.get("run", 0.0)
     return {
         "whole process (wall)": wall,
         "import torch": phases["torch"],
         "import bdrun.cli (Hydra, OmegaConf)": phases["cli"],
         "check_overrides": phases.get("check_overrides", 0.0),
-        "Hydra, outside the task": inside,
-        "task (the run)": phases.get("task", 0.0),
+        "Hydra's composition and job set-up": task - run - phases.get("summary", 0.0),
+        "the run (bdrun.runner.run)": run,
         "  setup": phases.get("setup", 0.0),
         "    load_splits (data)": phases.get("load_splits", 0.0),
         "  content_key (cache key)": phases.get("content_key", 0.0),
         "  fit (training)": phases.get("fit", 0.0),
+        "    fit calls": phases["fit_calls"],
+        "    optimizer construction (torch imports torch._dynamo)": phases.get("optimizer", 0.0),
         "  evaluate (scoring)": phases.get("evaluate", 0.0),
         "  write (results, exports)": phases.get("write", 0.0),
+        "summary printout": phases.get("summary", 0.0),
         "interpreter start and exit": wall - phases["torch"] - phases["cli"] - phases["main"],
     }
 
@@ -125,6 +134,9 @@ def main() -> None:
     print("|---|---|---|")
     for phase in runs[0]:
         values = [r[phase] for r in runs]
+        if phase.strip() == "fit calls":
+            print(f"| {phase} | {values[0]} | |")
+            continue
         print(
             f"| {phase} | {statistics.median(values):.2f} s | "
             f"{min(values):.2f} to {max(values):.2f} |"

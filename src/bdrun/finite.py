@@ -1,6 +1,6 @@
 """NaN and inf never become results: checks for numbers read from a user's files (images,
-triggers, weights) and a watch that every training loop (the Lightning loop, and the attacks'
-and defenses' own optimisations) reports its losses and weights to.
+triggers, weights) and a watch that every training loop (the plain and the Lightning loop, and
+the attacks' and defenses' own optimisations) reports its losses and weights to.
 """
 
 from __future__ import annotations

@@ -22,9 +22,9 @@ class RunLogger:
         self._lightning: Any = None
 
     def lightning(self) -> Any:
-        """The Lightning logger for training curves, or False; made at the first training (its
-        loggers import Lightning, which a run whose models all come from the cache never needs)
-        and shared by every training of the run."""
+        """The Lightning logger for training curves, or False; made at the first training in
+        Lightning's loop (its loggers import Lightning, which other runs never need) and shared
+        by every training of the run."""
         if self._lightning is None:
             self._lightning = self._new_lightning()
         return self._lightning

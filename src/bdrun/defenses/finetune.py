@@ -37,7 +37,7 @@ def finetune(
     tuned = copy_model(model)
     if epochs == 0 or len(data) == 0:
         return tuned.eval()
-    tuned.train()  # Lightning keeps a module's mode; the cached model arrives in eval mode
+    tuned.train()  # the training loops keep a module's mode; the cached model arrives in eval mode
     settings = dataclasses.replace(ctx.settings, lr=lr, epochs=epochs)
     if cache_key is None:
         return ctx.train(data, settings=settings, model=tuned, stream=stream, attack_hooks=False)
