@@ -48,6 +48,7 @@ format: $(STAMP) ## Apply ruff's fixes and formatting
 bench: $(STAMP) ## Speed benchmarks (print their figures)
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/default_run.py
+	$(BIN)/python benchmarks/process_phases.py
 
 clean: ## Remove the virtual environment, build files and run outputs
 	rm -rf $(VENV) build dist src/*.egg-info multirun .pytest_cache .ruff_cache
