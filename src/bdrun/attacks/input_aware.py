@@ -264,9 +264,7 @@ class InputAwareHook(TrainingHook):
         self.opt = torch.optim.Adam(self.patterns.parameters(), attack.lr_pattern, betas=(0.5, 0.9))
         self._g = generator(attack.seed, "input-aware-batches")
 
-    def on_batch(
-        self, x: Tensor, y: Tensor, pos: Tensor, module: Trainee
-    ) -> tuple[Tensor, Tensor]:
+    def on_batch(self, x: Tensor, y: Tensor, pos: Tensor, module: Trainee) -> tuple[Tensor, Tensor]:
         poisoned = module.data.poison[pos.cpu()]
         bd_rows = poisoned.nonzero().flatten()
         clean_rows = (~poisoned).nonzero().flatten()
@@ -309,9 +307,7 @@ class InputAwareHook(TrainingHook):
         for group in self.opt.param_groups:
             group["lr"] = self.attack.lr_pattern * (now / base if base > 0 else 1.0)
 
-    def loss(
-        self, logits: Tensor, y: Tensor, pos: Tensor, module: Trainee
-    ) -> Tensor | None:
+    def loss(self, logits: Tensor, y: Tensor, pos: Tensor, module: Trainee) -> Tensor | None:
         if self._diversity is None:
             return None
         loss = F.cross_entropy(logits, y, label_smoothing=module.settings.label_smoothing)

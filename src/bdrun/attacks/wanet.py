@@ -121,9 +121,7 @@ class WarpNoiseHook(TrainingHook):
     def on_train_start(self, module: Trainee) -> None:
         self._g = generator(self.attack.seed, "wanet-noise")  # same numbers for every run
 
-    def on_batch(
-        self, x: Tensor, y: Tensor, pos: Tensor, module: Trainee
-    ) -> tuple[Tensor, Tensor]:
+    def on_batch(self, x: Tensor, y: Tensor, pos: Tensor, module: Trainee) -> tuple[Tensor, Tensor]:
         clean_rows = (~module.data.poison[pos.cpu()]).nonzero().flatten()
         count = min(round(len(x) * self.share), len(clean_rows))
         if count == 0:

@@ -92,9 +92,7 @@ class Augmentation(TrainingHook):
     def __init__(self, padding: int, flip: bool, cutout: int) -> None:
         self.padding, self.flip, self.cutout = padding, flip, cutout
 
-    def on_batch(
-        self, x: Tensor, y: Tensor, pos: Tensor, module: Trainee
-    ) -> tuple[Tensor, Tensor]:
+    def on_batch(self, x: Tensor, y: Tensor, pos: Tensor, module: Trainee) -> tuple[Tensor, Tensor]:
         return augment(x, self.padding, self.flip, self.cutout), y
 
     def key(self) -> dict[str, Any]:
@@ -134,9 +132,7 @@ class AttentionDistillation(TrainingHook):
         self._capture(module.model, self.student_out)
         self._capture(self.teacher, self.teacher_out)
 
-    def on_batch(
-        self, x: Tensor, y: Tensor, pos: Tensor, module: Trainee
-    ) -> tuple[Tensor, Tensor]:
+    def on_batch(self, x: Tensor, y: Tensor, pos: Tensor, module: Trainee) -> tuple[Tensor, Tensor]:
         with torch.no_grad():
             self.teacher(x)
         return x, y
