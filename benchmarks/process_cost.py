@@ -7,8 +7,9 @@ but the Fashion-MNIST files) and the same experiment through the CLI:
           cache.enabled=false logger=none
 
 Each side is a fresh process; the wall time is measured around it, the training phase is what
-each reports (bdrun: results.json's `train_s`, which holds the Lightning import and the Trainer
-set-up of its one training; the script: its loop alone). Prints every run, then each side's
+each reports over the same span: from building the model (the cache key, in bdrun) through the
+optimizer (whose first construction imports torch._dynamo) to the end of the loop (bdrun:
+results.json's `train_s`; the script: its `train_s`). Prints every run, then each side's
 median and range and the ratios hand / bdrun (1.0 = as fast as the script; issue 19 asks >= 0.95
 for the process and >= 0.9 for the training). `--default` measures the default digits run
 (`bdrun cache.enabled=false logger=none`) alone. Give the machine's load (`uptime`) with the
