@@ -158,7 +158,18 @@ class ScaleUp(Defense):
         )
         spc, labels = detector.spc(holdout.x)
         detector.fit_normalization(spc, labels, ctx.info.num_classes)
-        threshold = detector.calibrate(detector.standardise(spc, labels), self.frr)
+        scores = detector.standardise(spc, labels)
+        threshold = detector.calibrate(scores, self.frr)
         ctx.record(holdout_spc_mean=float(spc.mean()))
+        tied = float((scores == threshold).double().mean())
+        if not bool((scores > threshold).any()) and tied > self.frr:
+            # SPC takes len(scales) + 1 values: the quantile can land on the top one
+            ctx.record(
+                warnings=[
+                    f"SCALE-UP: {100 * tied:.1f} % of the clean holdout tie at the top score "
+                    f"{threshold:g}, so the threshold for defense.frr={self.frr:g} rejects no "
+                    f"input; a defense.frr above {tied:.3f} lets it reject"
+                ]
+            )
         log.info("SCALE-UP threshold %.4f (%s, FRR %.3f)", threshold, self.normalization, self.frr)
         return detector
