@@ -66,24 +66,21 @@ class CsvRunLogger(RunLogger):
     """Training curves in train/metrics.csv (one row per epoch, columns sorted as Lightning's
     CSVLogger writes them, which takes them in Lightning's loop); tables as <name>.csv files."""
 
-    def __init__(self, run_dir: Path) -> None:
-        super().__init__(run_dir)
-        self._training_rows: list[dict[str, float]] = []
-
     def _new_lightning(self) -> Any:
         from pytorch_lightning.loggers import CSVLogger
 
         return CSVLogger(self.run_dir, name="train", version="")
 
     def log_training(self, metrics: dict[str, float], epoch: int, step: int) -> None:
-        self._training_rows.append({**metrics, "epoch": epoch, "step": step})
-        columns = sorted(set().union(*self._training_rows))
+        row = {**metrics, "epoch": epoch, "step": step}
         path = self.run_dir / "train" / "metrics.csv"
         path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_file(path) as tmp, open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(self._training_rows)
+        new = not path.exists()
+        with open(path, "a", newline="") as f:  # one row per epoch, the header first
+            writer = csv.DictWriter(f, fieldnames=sorted(row))
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
 
     def log_table(self, name: str, columns: list[str], rows: list[list[Any]]) -> None:
         path = self.run_dir / f"{name.replace('/', '_')}.csv"
@@ -113,7 +110,6 @@ class WandbRunLogger(CsvRunLogger):
         import wandb
 
         self._wandb = wandb
-        self._training_axis = False
         self.run = wandb.init(
             project=project,
             entity=entity,
@@ -126,6 +122,9 @@ class WandbRunLogger(CsvRunLogger):
             reinit="finish_previous",
             settings=wandb.Settings(init_timeout=30, silent=True, console="off"),
         )
+        # the training curves against the global step, as Lightning's WandbLogger plots them
+        self.run.define_metric("trainer/global_step")
+        self.run.define_metric("train/*", step_metric="trainer/global_step", step_sync=True)
 
     def _new_lightning(self) -> Any:
         from pytorch_lightning.loggers import WandbLogger
@@ -137,10 +136,6 @@ class WandbRunLogger(CsvRunLogger):
 
     def log_training(self, metrics: dict[str, float], epoch: int, step: int) -> None:
         super().log_training(metrics, epoch, step)
-        if not self._training_axis:  # as Lightning's WandbLogger plots them
-            self.run.define_metric("trainer/global_step")
-            self.run.define_metric("train/*", step_metric="trainer/global_step", step_sync=True)
-            self._training_axis = True
         self.run.log({**metrics, "epoch": epoch, "trainer/global_step": step})
 
     def log_table(self, name: str, columns: list[str], rows: list[list[Any]]) -> None:

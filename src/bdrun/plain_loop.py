@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from bdrun.data.base import ImageSet, to_float
 from bdrun.data.loader import InMemoryLoader
@@ -76,7 +76,6 @@ class PlainTrainee:
         self.settings = settings
         self.trainer = trainer
         self.current_epoch = 0
-        self.epoch_sums: torch.Tensor | None = None  # loss x samples, correct, samples
 
     @property
     def device(self) -> torch.device:
@@ -138,7 +137,6 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     epochs_done: int,
-    global_step: int,
 ) -> None:
     """The state after `epochs_done` finished epochs, written atomically (a kill mid-write
     leaves the previous checkpoint)."""
@@ -146,7 +144,6 @@ def save_checkpoint(
     state = {
         PLAIN_CHECKPOINT: 1,
         "epochs_done": epochs_done,
-        "global_step": global_step,
         "model": trainee.model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
@@ -187,7 +184,7 @@ def fit(
         trainee = PlainTrainee(model, data, settings, trainer)
         watch = DivergenceWatch(stage_name(stream), settings.lr, settings.epochs)
         loader = InMemoryLoader(data, settings.batch_size, shuffle=True, seed=seed)
-        first_epoch, global_step = 0, 0
+        first_epoch = 0
         ckpt = last_checkpoint(Path(checkpoint_dir), PLAIN_CHECKPOINT) if resume else None
         if ckpt is not None and settings.epochs > 0:
             log.info("resuming training from %s", ckpt)
@@ -197,7 +194,7 @@ def fit(
             if scheduler is not None and state["scheduler"] is not None:
                 scheduler.load_state_dict(state["scheduler"])
             torch.set_rng_state(state["rng_state"])
-            first_epoch, global_step = state["epochs_done"], state["global_step"]
+            first_epoch = state["epochs_done"]
         try:
             if first_epoch < settings.epochs:
                 for hook in hooks:
@@ -209,20 +206,14 @@ def fit(
                     with progress(
                         f"Epoch {epoch}/{settings.epochs - 1}", len(loader), hardware.progress
                     ) as advance:
-                        global_step = run_epoch(
-                            trainee, hooks, loader, optimizer, hardware, global_step, advance
-                        )
-                    end_epoch(trainee, hooks, watch, logger, global_step)
+                        sums = run_epoch(trainee, hooks, loader, optimizer, hardware, advance)
+                    # Lightning's step: the epoch's last, counted from 0 over the training
+                    end_epoch(trainee, hooks, watch, logger, sums, (epoch + 1) * len(loader) - 1)
                     if scheduler is not None:
                         scheduler.step()
                     if resume:
                         save_checkpoint(
-                            Path(checkpoint_dir),
-                            trainee,
-                            optimizer,
-                            scheduler,
-                            epoch + 1,
-                            global_step,
+                            Path(checkpoint_dir), trainee, optimizer, scheduler, epoch + 1
                         )
                     if trainer.received_sigterm:
                         raise interrupted(trainee)
@@ -241,11 +232,11 @@ def run_epoch(
     loader: InMemoryLoader,
     optimizer: torch.optim.Optimizer,
     hardware: HardwareSettings,
-    global_step: int,
     advance: Any,
-) -> int:
-    """One pass over the loader, its sums kept in trainee.epoch_sums; returns the global step
-    count. SIGTERM ends it after the current batch (the epoch end checks the last one)."""
+) -> Tensor | None:
+    """One pass over the loader; returns the epoch's sums on the device (loss x samples,
+    correct, samples). SIGTERM ends it after the current batch (the epoch end checks the
+    last one)."""
     loader.epoch = trainee.current_epoch  # a resumed training continues with its permutation
     sums = None
     last = len(loader) - 1
@@ -260,12 +251,10 @@ def run_epoch(
         for hook in hooks:
             hook.on_after_backward(trainee)
         optimizer.step()
-        global_step += 1
         advance(1)
         if index < last and trainee.trainer.received_sigterm:
             raise interrupted(trainee)
-    trainee.epoch_sums = sums
-    return global_step
+    return sums
 
 
 def end_epoch(
@@ -273,11 +262,11 @@ def end_epoch(
     hooks: list[TrainingHook],
     watch: DivergenceWatch,
     logger: Any,
-    global_step: int,
+    sums: Tensor | None,
+    step: int,
 ) -> None:
     """The epoch's divergence check (before the hooks act on a model that may be NaN), its
-    figures to the logger, the hooks' epoch end."""
-    sums = trainee.epoch_sums
+    figures (`run_epoch`'s sums) to the logger at `step`, the hooks' epoch end."""
     if sums is not None:  # the loss sum is not finite once any loss was not
         watch.observe(sums[0])
     watch.check(trainee.current_epoch + 1, trained_weights(trainee.model, hooks))
@@ -288,7 +277,7 @@ def end_epoch(
         logger.log_training(
             {"train/loss": figures[0], "train/acc": figures[1]},
             epoch=trainee.current_epoch,
-            step=global_step - 1,
+            step=step,
         )
     for hook in hooks:
         hook.on_epoch_end(trainee)

@@ -33,6 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor, nn
 
 from bdrun.errors import BdrunError
@@ -121,6 +122,23 @@ class Measured:
     parts: dict[str, Tensor] = field(default_factory=dict)
 
 
+def frr_threshold(clean_scores: Tensor, frr: float) -> float:
+    """The threshold (an input scoring above it is rejected) that rejects a share `frr` of clean
+    inputs: the empirical (1 - frr) quantile of their scores. Clean scores tied at it are all
+    kept, so scores that pile up on one value can reject fewer (`tied_at_top`)."""
+    return float(torch.quantile(clean_scores.double(), 1 - frr))
+
+
+def tied_at_top(clean_scores: Tensor, threshold: float, frr: float) -> float | None:
+    """The share of clean scores tied at `threshold` when that tie leaves the threshold
+    rejecting no clean input although `frr` asks for some (the highest score is the threshold);
+    else None."""
+    if bool((clean_scores > threshold).any()):
+        return None
+    tied = float((clean_scores == threshold).double().mean())
+    return tied if tied > frr else None
+
+
 class InputDetector:
     """A run-time filter calibrated on clean holdout data: inputs whose score exceeds
     `threshold` are rejected.
@@ -142,6 +160,11 @@ class InputDetector:
 
     def rejects(self, x: Tensor) -> Tensor:
         return self.score(x) > self.threshold
+
+    def calibrate(self, clean_scores: Tensor, frr: float) -> float:
+        """Set `threshold` to reject a share `frr` of clean inputs (`frr_threshold`)."""
+        self.threshold = frr_threshold(clean_scores, frr)
+        return self.threshold
 
     def describe(self, clean: Measured, backdoor: Measured, ctx: RunContext) -> dict[str, Any]:
         """Figures of this detector on the clean and backdoor test sets (plain JSON values),

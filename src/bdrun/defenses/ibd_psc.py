@@ -183,7 +183,5 @@ class IbdPsc(Defense):
             model, depths, self.scale, self.threshold, ctx.settings.eval_batch_size, ctx.device
         )
         if self.frr is not None:  # the holdout's (1 - frr) quantile instead of the fixed T
-            detector.threshold = float(
-                torch.quantile(detector.score(data.holdout.x).double(), 1 - self.frr)
-            )
+            detector.calibrate(detector.score(data.holdout.x), self.frr)
         return detector

@@ -10,7 +10,14 @@ from torch.nn.utils import prune
 
 from bdrun.data.base import ImageSet, to_float, to_storage
 from bdrun.defenses.anomaly import flagged_labels, mad_anomaly_index
-from bdrun.defenses.base import NOTHING_CARRIED, Carried, Defense, InputDetector, Verdict
+from bdrun.defenses.base import (
+    NOTHING_CARRIED,
+    Carried,
+    Defense,
+    InputDetector,
+    Verdict,
+    frr_threshold,
+)
 from bdrun.defenses.finetune import finetune
 from bdrun.defenses.pruning import (
     PruneSite,
@@ -422,6 +429,6 @@ class NeuralCleanse(Defense):
         top = max(1, round(self.filter_top * len(gap)))
         neurons = torch.argsort(gap, descending=True)[:top]
         clean_scores = activations(holdout.x)[:, neurons].mean(1)
-        threshold = float(torch.quantile(clean_scores.double(), 1 - self.filter_fpr))
+        threshold = frr_threshold(clean_scores, self.filter_fpr)
         ctx.record(filter_neurons=neurons.tolist())
         return ActivationFilter(activations, neurons, threshold)

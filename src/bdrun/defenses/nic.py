@@ -284,11 +284,6 @@ class NicDetector(InputDetector):
             },
         }
 
-    def calibrate(self, clean_scores: Tensor, frr: float) -> float:
-        """Reject a share `frr` of clean inputs: the empirical (1 - frr) quantile of their scores."""
-        self.threshold = float(torch.quantile(clean_scores.double(), 1 - frr))
-        return self.threshold
-
 
 class Nic(Defense):
     """NIC input filter, calibrated on the clean holdout for a preset false rejection rate.

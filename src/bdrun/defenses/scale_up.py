@@ -24,6 +24,7 @@ from bdrun.defenses.base import (
     InputDetector,
     Measured,
     require_holdout,
+    tied_at_top,
 )
 from bdrun.errors import BdrunError
 from bdrun.metrics import logits_of
@@ -109,12 +110,6 @@ class ScaleUpDetector(InputDetector):
 
         return {"spc_mean_clean": mean(clean), "spc_mean_backdoor": mean(backdoor)}
 
-    def calibrate(self, clean_scores: Tensor, frr: float) -> float:
-        """Reject at most a share `frr` of clean inputs: the empirical (1 - frr) quantile of
-        their scores (SPC takes few values, so ties can reject fewer)."""
-        self.threshold = float(torch.quantile(clean_scores.double(), 1 - frr))
-        return self.threshold
-
 
 class ScaleUp(Defense):
     """SCALE-UP input filter, calibrated on the clean holdout for a preset false rejection rate.
@@ -161,8 +156,8 @@ class ScaleUp(Defense):
         scores = detector.standardise(spc, labels)
         threshold = detector.calibrate(scores, self.frr)
         ctx.record(holdout_spc_mean=float(spc.mean()))
-        tied = float((scores == threshold).double().mean())
-        if not bool((scores > threshold).any()) and tied > self.frr:
+        tied = tied_at_top(scores, threshold, self.frr)
+        if tied is not None:
             # SPC takes len(scales) + 1 values: the quantile can land on the top one
             ctx.record(
                 warnings=[

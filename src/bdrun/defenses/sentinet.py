@@ -32,6 +32,7 @@ from bdrun.defenses.base import (
     Defense,
     InputDetector,
     Measured,
+    frr_threshold,
     require_holdout,
 )
 from bdrun.errors import BdrunError
@@ -299,7 +300,7 @@ class SentinetDetector(InputDetector):
         is rejected (empirical quantile of their distances); returns their distances."""
         self.coefficients = fit_boundary(confidence, fooled, bin_width)
         distances = self.distance(confidence, fooled)
-        self.threshold = float(torch.quantile(distances, 1 - frr))
+        self.threshold = frr_threshold(distances, frr)
         return distances
 
 
