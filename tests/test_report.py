@@ -147,6 +147,7 @@ def test_attack_by_defense_matrix(tmp_path):
         for defense in ("none", "fine_pruning", "strip"):
             for seed in (0, 1):
                 asr = {"none": 1.0, "fine_pruning": 0.2, "strip": 0.1}[defense] - seed / 10
+                auroc = 0.9 + seed / 20 if defense == "strip" else None
                 make_run(
                     tmp_path / str(job),
                     [f"attack={attack}", f"defense={defense}", f"seed={seed}"],
@@ -155,6 +156,7 @@ def test_attack_by_defense_matrix(tmp_path):
                     attack=attack,
                     defense=defense,
                     seed=seed,
+                    detection={"auroc": auroc, "frr": 0.01} if auroc else None,
                 )
                 cells.setdefault((attack, defense), []).append(asr)
                 job += 1
@@ -166,12 +168,16 @@ def test_attack_by_defense_matrix(tmp_path):
     line = next(ln for ln in section if ln.startswith("| blend |"))
     asrs = cells[("blend", "fine_pruning")]
     assert f"95.0 / {100 * statistics.fmean(asrs):.1f}" in line.split("|")[3]
+    assert "AUROC" not in line.split("|")[3]
+    assert f"; AUROC 0.925 ±{statistics.stdev([0.9, 0.95]):.3f}" in line.split("|")[4]
     with open(tmp_path / "figures" / "matrix.csv") as f:
         matrix = {(r["attack"], r["defense"]): r for r in csv.DictReader(f)}
     assert len(matrix) == 6
     assert float(matrix[("badnets", "strip")]["after_asr"]) == pytest.approx(
         statistics.fmean(cells[("badnets", "strip")])
     )
+    assert float(matrix[("badnets", "strip")]["detection_auroc"]) == pytest.approx(0.925)
+    assert matrix[("badnets", "none")]["detection_auroc"] == ""
     assert (tmp_path / "figures" / "matrix_asr.png").stat().st_size > 0
 
 

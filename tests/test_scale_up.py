@@ -7,8 +7,12 @@ import torch
 from torch import nn
 
 from bdrun.config import component
+from bdrun.defenses.base import calibrate_on_holdout
 from bdrun.defenses.scale_up import ScaleUpDetector
 from bdrun.errors import BdrunError
+from bdrun.runner import run
+
+from conftest import compose_config
 
 
 class CornerOrMean(nn.Module):
@@ -48,12 +52,49 @@ def test_per_class_normalisation_uses_the_statistics_of_the_predicted_label():
     assert d.mean[1] == float(spc.mean())  # a label the holdout never got: the global pair
 
 
+class Figures:
+    """The one RunContext tool the calibration uses: `record`."""
+
+    def __init__(self) -> None:
+        self.figures: dict = {}
+
+    def record(self, **figures) -> None:
+        self.figures.update(figures)
+
+
+def test_a_tie_at_the_top_score_that_rejects_nothing_is_reported():
+    spc = torch.tensor([0.0] * 90 + [1.0] * 10, dtype=torch.float64)
+    figures = Figures()
+    threshold = calibrate_on_holdout(detector(), spc, 0.01, figures, "SCALE-UP")
+    assert threshold == 1.0
+    (warning,) = figures.figures["warnings"]
+    assert "10.0 % of the clean holdout tie at the top score 1" in warning
+    assert "defense.frr above 0.100" in warning
+    spread = torch.linspace(0, 1, 100, dtype=torch.float64)
+    quiet = Figures()
+    calibrate_on_holdout(detector(), spread, 0.01, quiet, "SCALE-UP")
+    assert "warnings" not in quiet.figures
+
+
+def test_with_frr_null_the_authors_fixed_threshold_decides(tmp_path):
+    results = run(
+        compose_config("model=small_cnn_bn", "defense=scale_up", "defense.frr=null", "logger=none"),
+        tmp_path,
+    )
+    detection = results["metrics"]["detection"]
+    assert detection["threshold"] == 0.5
+    assert "warnings" not in detection
+    # SPC > 0.5 is rejected: the trojaned inputs keep their label under scaling
+    assert detection["far"] < 0.5
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
         ({"scales": []}, "defense.scales=.* must be a non-empty list"),
         ({"scales": [3, -1]}, "defense.scales=.* must be a non-empty list"),
         ({"frr": 1.5}, r"defense.frr=1.5 must be in \(0, 1\)"),
+        ({"threshold": "x"}, "defense.threshold"),
         ({"frr": 0}, r"defense.frr=0.0 must be in \(0, 1\)"),
         ({"normalization": "z"}, "defense.normalization='z' must be one of"),
     ],

@@ -139,6 +139,26 @@ def tied_at_top(clean_scores: Tensor, threshold: float, frr: float) -> float | N
     return tied if tied > frr else None
 
 
+def calibrate_on_holdout(
+    detector: InputDetector, clean_scores: Tensor, frr: float, ctx: RunContext, who: str
+) -> float:
+    """Calibrate `detector` for a false rejection rate `frr` on the clean holdout's scores, and
+    record a warning under the run's summary when a tie at the top score leaves the threshold
+    rejecting no input (`tied_at_top`): detectors whose score takes a few values only (SCALE-UP,
+    IBD-PSC) can land there."""
+    threshold = detector.calibrate(clean_scores, frr)
+    tied = tied_at_top(clean_scores, threshold, frr)
+    if tied is not None:
+        ctx.record(
+            warnings=[
+                f"{who}: {100 * tied:.1f} % of the clean holdout tie at the top score "
+                f"{threshold:g}, so the threshold for defense.frr={frr:g} rejects no input; a "
+                f"defense.frr above {tied:.3f} lets it reject"
+            ]
+        )
+    return threshold
+
+
 class InputDetector:
     """A run-time filter calibrated on clean holdout data: inputs whose score exceeds
     `threshold` are rejected.

@@ -22,6 +22,7 @@ from bdrun.defenses.base import (
     Defense,
     InputDetector,
     Measured,
+    calibrate_on_holdout,
     require_holdout,
 )
 from bdrun.errors import BdrunError
@@ -183,5 +184,5 @@ class IbdPsc(Defense):
             model, depths, self.scale, self.threshold, ctx.settings.eval_batch_size, ctx.device
         )
         if self.frr is not None:  # the holdout's (1 - frr) quantile instead of the fixed T
-            detector.calibrate(detector.score(data.holdout.x), self.frr)
+            calibrate_on_holdout(detector, detector.score(data.holdout.x), self.frr, ctx, "IBD-PSC")
         return detector

@@ -43,6 +43,7 @@ from bdrun.defenses.base import (
     Defense,
     InputDetector,
     Measured,
+    calibrate_on_holdout,
     require_holdout,
 )
 from bdrun.defenses.pruning import reduce_channels
@@ -379,7 +380,7 @@ class Nic(Defense):
         )
         detector.fit_invariants(holdout.x[parts[0]])
         detector.fit_final(holdout.x[parts[1]])
-        detector.calibrate(detector.score(holdout.x[calibration]), self.frr)
+        calibrate_on_holdout(detector, detector.score(holdout.x[calibration]), self.frr, ctx, "NIC")
         log.info(
             "NIC on %d layers (%s), threshold %.4f (FRR %.3f; %d/%d/%d holdout images)",
             len(layers),

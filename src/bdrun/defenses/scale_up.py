@@ -23,8 +23,8 @@ from bdrun.defenses.base import (
     Defense,
     InputDetector,
     Measured,
+    calibrate_on_holdout,
     require_holdout,
-    tied_at_top,
 )
 from bdrun.errors import BdrunError
 from bdrun.metrics import logits_of
@@ -112,14 +112,19 @@ class ScaleUpDetector(InputDetector):
 
 
 class ScaleUp(Defense):
-    """SCALE-UP input filter, calibrated on the clean holdout for a preset false rejection rate.
+    """SCALE-UP input filter, calibrated on the clean holdout for a preset false rejection rate
+    or with the authors' fixed threshold.
 
     Parameters (defaults from the authors' code and BackdoorBox):
         scales: pixel multipliers (BackdoorBox SCALE_UP.py's scale_set [3, 5, 7, 9, 11], the
             paper's; the authors' torch_model_wrapper.py takes 1..11). Scaled images are
             clamped to [0, 1], as both do (torch.clamp / torch.clip).
         frr: false rejection rate the threshold is set for on the clean holdout (1 %, as
-            strip.yaml; the authors fix T = 0.5 on SPC instead).
+            strip.yaml and bdrun's other detectors); null uses `threshold` instead.
+        threshold: the fixed T used when frr is null: an input whose score exceeds it is
+            rejected. The authors' test.py rejects SPC >= 0.5; SPC takes the values
+            k / len(scales), none of them 0.5 for five scales, so > 0.5 rejects the same inputs.
+            With a normalization T applies to the standardised score.
         normalization: "none" (the authors' test.py, BackdoorBox without a valset), "global"
             (BackdoorBox with a benign valset: (SPC - mean) / std over it, which orders inputs
             as the plain SPC does) or "per_class" (the paper's data-limited setting, statistics
@@ -129,13 +134,16 @@ class ScaleUp(Defense):
 
     name = "scale_up"
 
-    def __init__(self, scales: Sequence[float], frr: float, normalization: str) -> None:
+    def __init__(
+        self, scales: Sequence[float], frr: float | None, threshold: float, normalization: str
+    ) -> None:
         values = [coerce(s, "float", "defense.scales") for s in scales or ()]
         if not values or min(values) <= 0:
             raise BdrunError(f"defense.scales={scales} must be a non-empty list of numbers > 0")
-        frr = coerce(frr, "float", "defense.frr")
-        if not 0 < frr < 1:
-            raise BdrunError(f"defense.frr={frr} must be in (0, 1), e.g. 0.01")
+        frr = None if frr is None else coerce(frr, "float", "defense.frr")
+        if frr is not None and not 0 < frr < 1:
+            raise BdrunError(f"defense.frr={frr} must be in (0, 1), e.g. 0.01, or null")
+        self.threshold = coerce(threshold, "float", "defense.threshold")
         if normalization not in NORMALIZATIONS:
             raise BdrunError(
                 f"defense.normalization={normalization!r} must be one of "
@@ -154,17 +162,15 @@ class ScaleUp(Defense):
         spc, labels = detector.spc(holdout.x)
         detector.fit_normalization(spc, labels, ctx.info.num_classes)
         scores = detector.standardise(spc, labels)
-        threshold = detector.calibrate(scores, self.frr)
         ctx.record(holdout_spc_mean=float(spc.mean()))
-        tied = tied_at_top(scores, threshold, self.frr)
-        if tied is not None:
-            # SPC takes len(scales) + 1 values: the quantile can land on the top one
-            ctx.record(
-                warnings=[
-                    f"SCALE-UP: {100 * tied:.1f} % of the clean holdout tie at the top score "
-                    f"{threshold:g}, so the threshold for defense.frr={self.frr:g} rejects no "
-                    f"input; a defense.frr above {tied:.3f} lets it reject"
-                ]
-            )
-        log.info("SCALE-UP threshold %.4f (%s, FRR %.3f)", threshold, self.normalization, self.frr)
+        if self.frr is None:
+            detector.threshold = self.threshold
+        else:
+            calibrate_on_holdout(detector, scores, self.frr, ctx, "SCALE-UP")
+        log.info(
+            "SCALE-UP threshold %.4f (%s, FRR %s)",
+            detector.threshold,
+            self.normalization,
+            "fixed" if self.frr is None else f"{self.frr:.3f}",
+        )
         return detector

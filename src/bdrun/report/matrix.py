@@ -1,4 +1,5 @@
-"""Attack x defense matrix of a sweep over both groups: CCA and ASR after the defense.
+"""Attack x defense matrix of a sweep over both groups: CCA and ASR after the defense, and the
+AUROC of a detector's score where the defense has one (input detectors, model inspectors).
 
 Each cell is the mean over every job with that attack and defense (seeds, other swept
 parameters); the markdown table shows mean ± sample std and the number of jobs.
@@ -12,6 +13,8 @@ from typing import Any
 
 from bdrun.fs import atomic_file
 
+METRICS = ("after_cca", "after_asr", "detection_auroc")
+
 
 def cells(rows: list[dict[str, Any]]) -> tuple[list[str], list[str], dict[tuple[str, str], dict]]:
     """Attacks, defenses (first-seen order) and per-(attack, defense) mean/std/n of the metrics."""
@@ -24,13 +27,13 @@ def cells(rows: list[dict[str, Any]]) -> tuple[list[str], list[str], dict[tuple[
         attack, defense = str(row.get("attack", "")), str(row.get("defense", ""))
         attacks += [] if attack in attacks else [attack]
         defenses += [] if defense in defenses else [defense]
-        cell = values.setdefault((attack, defense), {"after_cca": [], "after_asr": []})
+        cell = values.setdefault((attack, defense), {metric: [] for metric in METRICS})
         for metric in cell:
             if isinstance(row.get(metric), int | float):
                 cell[metric].append(float(row[metric]))
     summary = {}
     for key, cell in values.items():
-        summary[key] = {"n": max(len(v) for v in cell.values())}
+        summary[key] = {"n": max(len(cell["after_cca"]), len(cell["after_asr"]))}
         for metric, numbers in cell.items():
             summary[key][metric] = statistics.fmean(numbers) if numbers else None
             summary[key][f"{metric}_std"] = statistics.stdev(numbers) if len(numbers) > 1 else 0.0
@@ -49,6 +52,10 @@ def _cell_text(cell: dict[str, Any] | None) -> str:
     text = f"{100 * cell['after_cca']:.1f} / {100 * cell['after_asr']:.1f}"
     if cell["n"] > 1:
         text += f" (±{100 * cell['after_cca_std']:.1f} / ±{100 * cell['after_asr_std']:.1f}, n={cell['n']})"
+    if cell.get("detection_auroc") is not None:
+        text += f"; AUROC {cell['detection_auroc']:.3f}"
+        if cell["n"] > 1:
+            text += f" ±{cell['detection_auroc_std']:.3f}"
     return text
 
 
@@ -58,7 +65,7 @@ def matrix_markdown(rows: list[dict[str, Any]]) -> str:
         return ""
     attacks, defenses, summary = cells(rows)
     lines = [
-        "## Attack x defense (CCA / ASR after the defense, %)",
+        "## Attack x defense (CCA / ASR after the defense, %; AUROC of a detector's score)",
         "",
         "| attack \\ defense | " + " | ".join(defenses) + " |",
         "|---|" + "---|" * len(defenses),
@@ -79,25 +86,14 @@ def write_matrix(rows: list[dict[str, Any]], folder: Path) -> list[Path]:
     from bdrun.report.heatmaps import heatmap
 
     attacks, defenses, summary = cells(rows)
-    lines = ["attack,defense,n,after_cca,after_cca_std,after_asr,after_asr_std"]
+    header = ["n"] + [name for metric in METRICS for name in (metric, f"{metric}_std")]
+    lines = ["attack,defense," + ",".join(header)]
     for attack in attacks:
         for defense in defenses:
             cell = summary.get((attack, defense))
             if cell:
-                lines.append(
-                    ",".join(
-                        str(v)
-                        for v in (
-                            attack,
-                            defense,
-                            cell["n"],
-                            cell["after_cca"],
-                            cell["after_cca_std"],
-                            cell["after_asr"],
-                            cell["after_asr_std"],
-                        )  # fmt: skip
-                    )
-                )
+                values = [attack, defense, *(cell[name] for name in header)]
+                lines.append(",".join("" if v is None else str(v) for v in values))
     csv_path = folder / "matrix.csv"
     with atomic_file(csv_path) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
