@@ -1,11 +1,13 @@
-"""Cost per input of the run-time detectors STRIP, SentiNet and NIC on this machine.
+"""Cost per input of the run-time detectors STRIP, SentiNet, NIC, SCALE-UP and IBD-PSC.
 
 Scores the same random inputs with each detector (random weights and images: the cost does
 not depend on what the model learned) at the digits (1x8x8) and Fashion-MNIST (1x28x28) input
 sizes, with each detector's default settings: STRIP N = 100 blends, SentiNet Grad-CAM plus
 2 x 100 pastes, NIC the invariants of the small CNN's four layers (fitted first on
-`--fit` random images; the fit is timed apart). Prints ms per input and the ratio to a plain
-prediction.
+`--fit` random images; the fit is timed apart), SCALE-UP five scaled copies, IBD-PSC five
+amplified copies of the small CNN with BatchNorm (model=small_cnn_bn; both BN layers
+amplified, the depths its holdout search ends at on these models). Prints ms per input and the
+ratio to a plain prediction.
 
     .venv/bin/python benchmarks/detector_cost.py [--inputs 200] [--fit 1000] [--threads 1]
 """
@@ -18,7 +20,9 @@ import time
 import torch
 from strip_cost import best_of  # the script's folder is on sys.path
 
+from bdrun.defenses.ibd_psc import IbdPscDetector
 from bdrun.defenses.nic import NicDetector, default_layers
+from bdrun.defenses.scale_up import ScaleUpDetector
 from bdrun.defenses.sentinet import SentinetDetector, last_feature_map
 from bdrun.defenses.strip import StripDetector
 from bdrun.metrics import logits_of
@@ -41,6 +45,7 @@ def main() -> None:
     for name, shape in SHAPES.items():
         torch.manual_seed(0)
         model = SmallCNN(shape, 10).eval()
+        bn_model = SmallCNN(shape, 10, batch_norm=True).eval()
         g = torch.Generator().manual_seed(0)
         x = torch.randint(0, 256, (args.inputs, *shape), dtype=torch.uint8, generator=g)
         pool = torch.randint(0, 256, (1000, *shape), dtype=torch.uint8, generator=g)
@@ -64,7 +69,16 @@ def main() -> None:
             f"  {name} {'x'.join(map(str, shape))}: plain prediction "
             f"{1000 * plain_s / args.inputs:.3f} ms/input"
         )
-        for label, detector in (("STRIP", strip), ("SentiNet", sentinet), ("NIC", nic)):
+        scale_up = ScaleUpDetector(model, [3, 5, 7, 9, 11], "none", BATCH, "cpu")
+        ibd_psc = IbdPscDetector(bn_model, [2] * 5, 1.5, 0.9, BATCH, "cpu")
+        detectors = (
+            ("STRIP", strip),
+            ("SentiNet", sentinet),
+            ("NIC", nic),
+            ("SCALE-UP", scale_up),
+            ("IBD-PSC", ibd_psc),
+        )
+        for label, detector in detectors:
             detector.score(x[:2])  # warm-up
             seconds = best_of(lambda d=detector, xs=x: d.score(xs), args.repeats)
             print(
