@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
@@ -15,6 +16,7 @@ if TYPE_CHECKING:
     from bdrun.context import RunContext
     from bdrun.data.base import ImageSet
     from bdrun.state import RunData
+    from bdrun.training import TrainingHook, TrainSettings
 
 
 def finetune(
@@ -25,24 +27,30 @@ def finetune(
     epochs: int,
     stream: str = "finetune",
     cache_key: dict[str, Any] | None = None,
+    hooks: Sequence[TrainingHook] = (),
+    settings: TrainSettings | None = None,
 ) -> nn.Module:
     """A copy of `model` trained `epochs` epochs on `data` with learning rate `lr`.
 
-    Everything else (optimizer, batch size, schedule, weight decay) is the run's `train` setting.
-    The attack's training hooks stay off: this is the defender's training, on clean data.
+    Everything else (optimizer, batch size, schedule, weight decay) is `settings`, by default the
+    run's `train` setting. The attack's training hooks stay off: this is the defender's
+    training, on clean data; `hooks` are the defense's own (FT-SAM's second pass, FST's loss).
     Channels pruned with torch's pruning masks stay zero while training.
-    With a `cache_key` (what else determines the result, e.g. the defense's name) the tuned copy
-    goes through the model cache.
+    With a `cache_key` (what else determines the result, e.g. the defense's name and its hooks'
+    configuration) the tuned copy goes through the model cache.
     """
     tuned = copy_model(model)
     if epochs == 0 or len(data) == 0:
         return tuned.eval()
     tuned.train()  # the training loops keep a module's mode; the cached model arrives in eval mode
-    settings = dataclasses.replace(ctx.settings, lr=lr, epochs=epochs)
+    settings = dataclasses.replace(settings or ctx.settings, lr=lr, epochs=epochs)
     if cache_key is None:
-        return ctx.train(data, settings=settings, model=tuned, stream=stream, attack_hooks=False)
+        return ctx.train(
+            data, hooks, settings=settings, model=tuned, stream=stream, attack_hooks=False
+        )
     tuned, _status = ctx.train_cached(
         data,
+        hooks,
         settings=settings,
         extra_key=cache_key,
         stream=stream,
