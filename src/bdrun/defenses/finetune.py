@@ -10,7 +10,8 @@ from torch import nn
 
 from bdrun.defenses.base import NOTHING_CARRIED, Carried, Defense
 from bdrun.defenses.pruning import copy_model
-from bdrun.validate import check_schedule
+from bdrun.errors import BdrunError
+from bdrun.validate import check_schedule, check_sgd
 
 if TYPE_CHECKING:
     from bdrun.context import RunContext
@@ -58,6 +59,35 @@ def finetune(
         attack_hooks=False,
     )
     return tuned
+
+
+class OwnSgd:
+    """A fine-tuning defense's own SGD (FT-SAM's, FST's): learning rate, epochs (at least one),
+    batch size, momentum and weight decay, checked; cosine annealing over the epochs."""
+
+    def __init__(
+        self, lr: float, epochs: int, batch_size: int, momentum: float, weight_decay: float
+    ) -> None:
+        self.lr, self.epochs = check_schedule(lr, epochs)
+        if self.epochs < 1:
+            raise BdrunError(f"defense.epochs={epochs} must be >= 1")
+        self.batch_size, self.momentum, self.weight_decay = check_sgd(
+            batch_size, momentum, weight_decay
+        )
+
+    def settings(self, base: TrainSettings, label_smoothing: float) -> TrainSettings:
+        """`base` (the run's `train` settings) with this SGD, its lr and epochs."""
+        return dataclasses.replace(
+            base,
+            lr=self.lr,
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            optimizer="sgd",
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+            scheduler="cosine",
+            label_smoothing=label_smoothing,
+        )
 
 
 class FineTune(Defense):

@@ -13,7 +13,6 @@ Frobenius norm, which keeps the inner-product term from just shrinking W.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -22,12 +21,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bdrun.defenses.base import NOTHING_CARRIED, Carried, Defense, require_holdout
-from bdrun.defenses.finetune import finetune
+from bdrun.defenses.finetune import OwnSgd, finetune
 from bdrun.defenses.pruning import copy_model
 from bdrun.errors import BdrunError
 from bdrun.models.probes import get_module
-from bdrun.training import Trainee, TrainingHook, TrainSettings
-from bdrun.validate import check_schedule, check_sgd, coerce
+from bdrun.training import Trainee, TrainingHook
+from bdrun.validate import coerce
 
 if TYPE_CHECKING:
     from bdrun.context import RunContext
@@ -129,28 +128,12 @@ class Fst(Defense):
         momentum: float,
         weight_decay: float,
     ) -> None:
-        self.lr, self.epochs = check_schedule(lr, epochs)
-        if self.epochs < 1:
-            raise BdrunError(f"defense.epochs={epochs} must be >= 1, e.g. 10")
+        self.sgd = OwnSgd(lr, epochs, batch_size, momentum, weight_decay)
         self.alpha = coerce(alpha, "float", "defense.alpha")
         if self.alpha < 0:
             raise BdrunError(
                 f"defense.alpha={alpha} must be >= 0, e.g. 0.2 (the authors' code) or 0.1"
             )
-        self.batch_size, self.momentum, self.weight_decay = check_sgd(
-            batch_size, momentum, weight_decay
-        )
-
-    def settings(self, ctx: RunContext) -> TrainSettings:
-        return dataclasses.replace(
-            ctx.settings,
-            batch_size=self.batch_size,
-            optimizer="sgd",
-            momentum=self.momentum,
-            weight_decay=self.weight_decay,
-            scheduler="cosine",
-            label_smoothing=0.0,
-        )
 
     def repair(
         self, model: nn.Module, data: RunData, ctx: RunContext, carried: Carried = NOTHING_CARRIED
@@ -166,12 +149,12 @@ class Fst(Defense):
             start,
             data.holdout,
             ctx,
-            self.lr,
-            self.epochs,
+            self.sgd.lr,
+            self.sgd.epochs,
             stream="fst",
             cache_key=key,
             hooks=[hook],
-            settings=self.settings(ctx),
+            settings=self.sgd.settings(ctx.settings, label_smoothing=0.0),
         )
         tuned_head = get_module(tuned, head_name).weight.detach()
         cosine = F.cosine_similarity(tuned_head.flatten(), original.flatten(), dim=0)

@@ -16,7 +16,6 @@ gradient. BatchNorm's running statistics are left alone in the second pass (thei
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -26,10 +25,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bdrun.defenses.base import NOTHING_CARRIED, Carried, Defense, require_holdout
-from bdrun.defenses.finetune import finetune
+from bdrun.defenses.finetune import OwnSgd, finetune
 from bdrun.errors import BdrunError
-from bdrun.training import Trainee, TrainingHook, TrainSettings
-from bdrun.validate import check_schedule, check_sgd, coerce
+from bdrun.training import Trainee, TrainingHook
+from bdrun.validate import coerce
 
 if TYPE_CHECKING:
     from bdrun.context import RunContext
@@ -181,9 +180,7 @@ class FtSam(Defense):
         momentum: float,
         weight_decay: float,
     ) -> None:
-        self.lr, self.epochs = check_schedule(lr, epochs)
-        if self.epochs < 1:
-            raise BdrunError(f"defense.epochs={epochs} must be >= 1, e.g. 100")
+        self.sgd = OwnSgd(lr, epochs, batch_size, momentum, weight_decay)
         self.rho = coerce(rho, "float", "defense.rho")
         if self.rho <= 0:
             raise BdrunError(f"defense.rho={rho} must be > 0, e.g. 2.0 (the authors')")
@@ -195,20 +192,6 @@ class FtSam(Defense):
             raise BdrunError(
                 f"defense.label_smoothing={label_smoothing} must be in [0, 1), e.g. 0.1"
             )
-        self.batch_size, self.momentum, self.weight_decay = check_sgd(
-            batch_size, momentum, weight_decay
-        )
-
-    def settings(self, ctx: RunContext) -> TrainSettings:
-        return dataclasses.replace(
-            ctx.settings,
-            batch_size=self.batch_size,
-            optimizer="sgd",
-            momentum=self.momentum,
-            weight_decay=self.weight_decay,
-            scheduler="cosine",
-            label_smoothing=self.label_smoothing,
-        )
 
     def repair(
         self, model: nn.Module, data: RunData, ctx: RunContext, carried: Carried = NOTHING_CARRIED
@@ -224,10 +207,10 @@ class FtSam(Defense):
             model,
             data.holdout,
             ctx,
-            self.lr,
-            self.epochs,
+            self.sgd.lr,
+            self.sgd.epochs,
             stream="ft-sam",
             cache_key={"defense": "ft_sam", "sam": hook.key()},
             hooks=[hook],
-            settings=self.settings(ctx),
+            settings=self.sgd.settings(ctx.settings, self.label_smoothing),
         )
