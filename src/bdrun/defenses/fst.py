@@ -100,8 +100,8 @@ class Fst(Defense):
     holdout with the feature-shift term and the head's norm projection.
 
     The head is the model's last nn.Linear (`classification_head`). The authors' clean share is
-    a `--split_ratio` of the training set (README: 2 % on CIFAR-10; the paper's default is 5 %);
-    bdrun fine-tunes on the whole clean holdout (dataset.holdout_fraction: 5 % of the training
+    a `--split_ratio` of the training set (their README's command: 2 % of CIFAR-10); bdrun
+    fine-tunes on the whole clean holdout (dataset.holdout_fraction: 5 % of the training
     split on Fashion-MNIST; 10 % on digits).
 
     Parameters (defaults from the authors' fine_tune/ft.py and fst.py):
