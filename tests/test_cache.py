@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import multiprocessing as mp
 import time
@@ -10,7 +11,7 @@ import time
 import torch
 from torch import nn
 
-from bdrun.cache import ModelCache, content_key
+from bdrun.cache import ModelCache, content_key, tensor_digest
 
 
 def make_model(value: float = 0.0) -> nn.Module:
@@ -28,6 +29,20 @@ def test_key_depends_on_tensor_content_and_config_not_on_order():
     assert a != content_key({"x": x + 1, "cfg": {"lr": 0.1, "epochs": 2}})
     assert a != content_key({"x": x, "cfg": {"lr": 0.2, "epochs": 2}})
     assert a != content_key({"x": x.float().to(torch.float64), "cfg": {"lr": 0.1, "epochs": 2}})
+
+
+def test_a_key_takes_zero_dim_tensors():
+    # a BatchNorm model's state (num_batches_tracked) as the start of a cached fine-tuning
+    state = dict(nn.BatchNorm2d(2).state_dict())
+    assert state["num_batches_tracked"].dim() == 0
+    key = content_key({"init": state})
+    state["num_batches_tracked"] = torch.tensor(1)
+    assert content_key({"init": state}) != key
+    # other tensors hash as they did: dtype, shape, then their bytes (stored keys stay valid)
+    x = torch.arange(4.0)
+    by_hand = hashlib.blake2b(b"torch.float32:(4,)", digest_size=16)
+    by_hand.update(x.numpy().tobytes())
+    assert tensor_digest(x) == by_hand.hexdigest()
 
 
 def test_miss_then_hit_then_refresh_then_off(tmp_path):

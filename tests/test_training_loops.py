@@ -67,8 +67,10 @@ def test_badnets_trains_to_the_same_weights_in_both_loops(tmp_path):
         ("defense=abl",),  # replaces the loss, stops early, unlearns
         ("defense=nad",),  # distils from a teacher through forward hooks
         ("defense=finetune", "train.optimizer=adam", "train.scheduler=step"),
+        ("defense=ft_sam", "model=small_cnn_bn"),  # a second pass after backward
+        ("defense=fst", "model=small_cnn_bn"),  # a projection after the optimizer step
     ],
-    ids=["wanet", "input_aware", "abl", "nad", "adam-step"],
+    ids=["wanet", "input_aware", "abl", "nad", "adam-step", "ft_sam", "fst"],
 )
 def test_hooks_and_optimisers_train_to_the_same_weights_in_both_loops(tmp_path, overrides):
     assert_same_training(tmp_path, *overrides)

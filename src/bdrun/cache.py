@@ -61,11 +61,12 @@ def companion_file(name: str) -> str:
 
 
 def tensor_digest(t: torch.Tensor) -> str:
-    """BLAKE2b of a tensor's dtype, shape and bytes."""
+    """BLAKE2b of a tensor's dtype, shape and bytes (0-dim ones too: BatchNorm's
+    num_batches_tracked, in the state of a model that a training starts from)."""
     t = t.detach().cpu().contiguous()
     digest = hashlib.blake2b(digest_size=16)
     digest.update(f"{t.dtype}:{tuple(t.shape)}".encode())
-    digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
 
 

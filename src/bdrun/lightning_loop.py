@@ -123,6 +123,11 @@ class ClassifierModule(pl.LightningModule):
         for hook in self.hooks:
             hook.on_after_backward(self)
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # Lightning calls it after the automatic optimizer step, where the plain loop calls it
+        for hook in self.hooks:
+            hook.on_after_step(self)
+
     def on_train_epoch_end(self) -> None:
         # before the epoch's checkpoint is written (Lightning saves it after this hook), and
         # before the hooks act on a model that may be NaN; raising ends trainer.fit

@@ -4,7 +4,7 @@ The optimisation is Lightning's automatic one, step for step, so both loops end 
 weights (tests/test_training_loops.py):
 - per batch: uint8 images to float; the hooks' batch rewrite, the forward pass and the loss
   (`bdrun.training.step_loss`); zero_grad, backward, the hooks' `on_after_backward`, the
-  optimizer step;
+  optimizer step, the hooks' `on_after_step`;
 - per epoch: the divergence check, train/loss and train/acc to the run's logger, the hooks'
   epoch end, the scheduler step, the checkpoint of the finished epoch.
 
@@ -251,6 +251,8 @@ def run_epoch(
         for hook in hooks:
             hook.on_after_backward(trainee)
         optimizer.step()
+        for hook in hooks:
+            hook.on_after_step(trainee)
         advance(1)
         if index < last and trainee.trainer.received_sigterm:
             raise interrupted(trainee)

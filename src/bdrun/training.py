@@ -9,7 +9,8 @@ the same weights):
   mixed precision) and wherever `trainer.loop=lightning` asks for it.
 
 Training-time attacks and defenses plug in as TrainingHooks: they may rewrite each batch
-(WaNet, input-aware triggers) or the loss (ABL), and see every epoch end.
+(WaNet, input-aware triggers) or the loss (ABL), act after the backward pass (FT-SAM's second
+pass) and after the optimizer step (FST's projection), and see every epoch end.
 """
 
 from __future__ import annotations
@@ -250,7 +251,12 @@ class TrainingHook:
         """Called before the first batch of every training run (reset per-run state here)."""
 
     def on_after_backward(self, module: Trainee) -> None:
-        """Called after the loss's backward pass (step the hook's own optimizer here)."""
+        """Called after the loss's backward pass, before the optimizer step (step the hook's own
+        optimizer here, or replace the gradients: FT-SAM's second pass)."""
+
+    def on_after_step(self, module: Trainee) -> None:
+        """Called after every optimizer step (project weights back onto a constraint here:
+        FST's head norm)."""
 
     def modules(self) -> dict[str, nn.Module]:
         """Modules this hook trains along with the classifier (input-aware's trigger generator).

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from bdrun.defenses.base import NOTHING_CARRIED, Carried, Defense
 from bdrun.defenses.pruning import copy_model
-from bdrun.validate import check_schedule
+from bdrun.errors import BdrunError
+from bdrun.validate import check_schedule, check_sgd
 
 if TYPE_CHECKING:
     from bdrun.context import RunContext
     from bdrun.data.base import ImageSet
     from bdrun.state import RunData
+    from bdrun.training import TrainingHook, TrainSettings
 
 
 def finetune(
@@ -25,24 +28,30 @@ def finetune(
     epochs: int,
     stream: str = "finetune",
     cache_key: dict[str, Any] | None = None,
+    hooks: Sequence[TrainingHook] = (),
+    settings: TrainSettings | None = None,
 ) -> nn.Module:
     """A copy of `model` trained `epochs` epochs on `data` with learning rate `lr`.
 
-    Everything else (optimizer, batch size, schedule, weight decay) is the run's `train` setting.
-    The attack's training hooks stay off: this is the defender's training, on clean data.
+    Everything else (optimizer, batch size, schedule, weight decay) is `settings`, by default the
+    run's `train` setting. The attack's training hooks stay off: this is the defender's
+    training, on clean data; `hooks` are the defense's own (FT-SAM's second pass, FST's loss).
     Channels pruned with torch's pruning masks stay zero while training.
-    With a `cache_key` (what else determines the result, e.g. the defense's name) the tuned copy
-    goes through the model cache.
+    With a `cache_key` (what else determines the result, e.g. the defense's name and its hooks'
+    configuration) the tuned copy goes through the model cache.
     """
     tuned = copy_model(model)
     if epochs == 0 or len(data) == 0:
         return tuned.eval()
     tuned.train()  # the training loops keep a module's mode; the cached model arrives in eval mode
-    settings = dataclasses.replace(ctx.settings, lr=lr, epochs=epochs)
+    settings = dataclasses.replace(settings or ctx.settings, lr=lr, epochs=epochs)
     if cache_key is None:
-        return ctx.train(data, settings=settings, model=tuned, stream=stream, attack_hooks=False)
+        return ctx.train(
+            data, hooks, settings=settings, model=tuned, stream=stream, attack_hooks=False
+        )
     tuned, _status = ctx.train_cached(
         data,
+        hooks,
         settings=settings,
         extra_key=cache_key,
         stream=stream,
@@ -50,6 +59,35 @@ def finetune(
         attack_hooks=False,
     )
     return tuned
+
+
+class OwnSgd:
+    """A fine-tuning defense's own SGD (FT-SAM's, FST's): learning rate, epochs (at least one),
+    batch size, momentum and weight decay, checked; cosine annealing over the epochs."""
+
+    def __init__(
+        self, lr: float, epochs: int, batch_size: int, momentum: float, weight_decay: float
+    ) -> None:
+        self.lr, self.epochs = check_schedule(lr, epochs)
+        if self.epochs < 1:
+            raise BdrunError(f"defense.epochs={epochs} must be >= 1")
+        self.batch_size, self.momentum, self.weight_decay = check_sgd(
+            batch_size, momentum, weight_decay
+        )
+
+    def settings(self, base: TrainSettings, label_smoothing: float) -> TrainSettings:
+        """`base` (the run's `train` settings) with this SGD, its lr and epochs."""
+        return dataclasses.replace(
+            base,
+            lr=self.lr,
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            optimizer="sgd",
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+            scheduler="cosine",
+            label_smoothing=label_smoothing,
+        )
 
 
 class FineTune(Defense):
