@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from bdrun.attacks.base import Attack
 from bdrun.data.base import DataInfo, ImageSet
 from bdrun.errors import BdrunError
+from bdrun.models.probes import project_perturbation
 
 if TYPE_CHECKING:
     from bdrun.context import RunContext
@@ -64,12 +65,11 @@ def pgd(
             (grad,) = torch.autograd.grad(loss, delta)
             with torch.no_grad():
                 if norm == "linf":
-                    delta = (delta + step_size * grad.sign()).clamp_(-eps, eps)
+                    delta = delta + step_size * grad.sign()
                 else:
                     grad_norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
                     delta = delta + step_size * grad / grad_norm
-                    scale = (eps / delta.flatten(1).norm(dim=1).clamp_min(1e-12)).clamp(max=1)
-                    delta = delta * scale.view(-1, 1, 1, 1)
+                delta = project_perturbation(delta, norm, eps)
                 delta = (clean + delta).clamp_(0, 1) - clean
         out.append((clean + delta).detach().cpu())
     return torch.cat(out) if out else x.clone()

@@ -1,5 +1,6 @@
 """Probes that read a model: batched access to its internal activations and input gradients,
-for attacks and defenses alike (ranking, clustering, reversing, saliency)."""
+for attacks and defenses alike (ranking, clustering, reversing, saliency), and the norm balls
+that adversarial perturbations of its inputs are kept in."""
 
 from __future__ import annotations
 
@@ -126,3 +127,20 @@ def penultimate(
             for start in range(0, len(x), batch_size)
         ]
     return torch.cat(feats) if feats else torch.empty(0)
+
+
+NORMS = ("linf", "l2")
+
+
+def project_perturbation(delta: Tensor, norm: str, bound: float) -> Tensor:
+    """`delta` [N, ...] with each row put back into the `norm` ball of radius `bound` around
+    zero: clipped to [-bound, bound] per pixel (linf), or scaled down to L2 norm `bound` where
+    it is longer (l2). Rows are independent, so a universal perturbation is a batch of one.
+    Bounds are in the units of the images given to the model: bdrun's pixel space [0, 1]."""
+    if norm == "linf":
+        return delta.clamp(-bound, bound)
+    if norm == "l2":
+        lengths = delta.flatten(1).norm(dim=1).clamp_min(1e-12)
+        scale = (bound / lengths).clamp(max=1).view(-1, *([1] * (delta.dim() - 1)))
+        return delta * scale
+    raise ValueError(f"norm {norm!r} is not one of {NORMS}")

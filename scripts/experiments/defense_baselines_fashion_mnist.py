@@ -1,0 +1,104 @@
+"""The field's current defense baselines on Fashion-MNIST with the small CNN with BatchNorm
+(docs/defenses/baselines_fashion_mnist.md): ANP, i-BAU, CLP, RNP, FT-SAM, SAU, FST, SCALE-UP and
+IBD-PSC at their defaults, against BadNets, Blend, WaNet and SIG.
+
+Two `bdrun -m` commands, two torch threads, jobs one after another:
+- `table`: every defense (and `none`) against the four attacks, seed 0. Its sweep folder's
+  summary.md holds bdrun-report's attack x defense matrix.
+- `seeds`: the nine defenses against BadNets with seeds 1 and 2; with seed 0 from `table` they
+  give mean ± std over seeds 0, 1, 2 against the issue's bars: ASR <= 10 % at a CCA drop of at
+  most 5 points for the repairs, AUROC >= 0.9 for the detectors.
+Every defense decides on the 5 % clean holdout; the test sets only score. Needs Fashion-MNIST
+(Debian's dataset-fashion-mnist). Each poisoned model is trained once (the model cache) and
+reused by every defense.
+
+    .venv/bin/python scripts/experiments/defense_baselines_fashion_mnist.py --dry-run
+"""
+
+from __future__ import annotations
+
+import statistics
+
+from measure import Sweep, measured_runs, metric, num, pct, show
+
+REPAIRS = ("anp", "i_bau", "clp", "rnp", "ft_sam", "sau", "fst")
+DETECTORS = ("scale_up", "ibd_psc")
+DEFENSES = (*REPAIRS, *DETECTORS)
+ATTACKS = ("badnets", "blend", "wanet", "sig")
+BASE = ("dataset=fashion_mnist", "model=small_cnn_bn")
+ASR_BAR, CCA_DROP_BAR, AUROC_BAR = 0.10, 0.05, 0.9
+
+SWEEPS = [
+    Sweep(
+        "table",
+        (*BASE, f"attack={','.join(ATTACKS)}", f"defense=none,{','.join(DEFENSES)}", "seed=0"),
+        threads=2,
+    ),
+    Sweep(
+        "seeds", (*BASE, "attack=badnets", f"defense={','.join(DEFENSES)}", "seed=1,2"), threads=2
+    ),
+]
+
+
+def spread(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
+    """mean ± sample std (scaled), '-' when empty."""
+    if not values:
+        return "-"
+    mean = statistics.fmean(values) * scale
+    std = (statistics.stdev(values) if len(values) > 1 else 0.0) * scale
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def main() -> None:
+    runs = measured_runs(SWEEPS, __doc__, __file__)
+    if runs is None:
+        return
+    done = [r.results for sweep in runs.values() for r in sweep if r.results is not None]
+
+    def jobs(attack: str, defense: str) -> list[dict]:
+        return [r for r in done if r["attack"] == attack and r["defense"] == defense]
+
+    rows = []
+    for attack in ATTACKS:
+        for defense in ("none", *DEFENSES):
+            for results in sorted(jobs(attack, defense), key=lambda r: r["seed"]):
+                rows.append(
+                    [
+                        attack,
+                        defense,
+                        results["seed"],
+                        pct(metric(results, "before", "cca"), 2),
+                        pct(metric(results, "after", "cca"), 2),
+                        pct(metric(results, "before", "asr"), 2),
+                        pct(metric(results, "after", "asr"), 2),
+                        num(metric(results, "detection", "auroc"), 3),
+                        num(results["timing"]["defense_s"], 1),
+                    ]
+                )
+    header = ["attack", "defense", "seed", "CCA before", "CCA after", "ASR before", "ASR after",
+              "AUROC", "defense s"]  # fmt: skip
+    show("Every job (%, seconds of the defense stage)", header, rows)
+
+    bars = []
+    for defense in DEFENSES:
+        seeds = jobs("badnets", defense)
+        drops = [r["metrics"]["before"]["cca"] - r["metrics"]["after"]["cca"] for r in seeds]
+        asrs = [r["metrics"]["after"]["asr"] for r in seeds]
+        aurocs = [metric(r, "detection", "auroc") for r in seeds]
+        aurocs = [a for a in aurocs if a is not None]
+        if defense in REPAIRS:
+            passed = sum(
+                a <= ASR_BAR and d <= CCA_DROP_BAR for a, d in zip(asrs, drops, strict=True)
+            )
+        else:
+            passed = sum(a >= AUROC_BAR for a in aurocs)
+        bars.append(
+            [defense, len(seeds), spread(drops), spread(asrs), spread(aurocs, 1.0, 3),
+             f"{passed} of {len(seeds)}"]
+        )  # fmt: skip
+    header = ["defense", "seeds", "CCA drop (points)", "ASR after", "AUROC", "seeds at the bar"]
+    show("BadNets, mean ± std over seeds 0, 1, 2", header, bars)
+
+
+if __name__ == "__main__":
+    main()
