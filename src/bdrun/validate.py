@@ -59,3 +59,26 @@ def check_sgd(batch_size: Any, momentum: Any, weight_decay: Any) -> tuple[int, f
             "defense.batch_size must be >= 1, defense.momentum and defense.weight_decay >= 0"
         )
     return batch_size, momentum, weight_decay
+
+
+def at_least(value: Any, kind: str, key: str, minimum: float, example: Any) -> Any:
+    """A defense setting `key` as an int or float that is >= minimum, else a one-line error."""
+    number = coerce(value, kind, f"defense.{key}")
+    if number < minimum:
+        raise BdrunError(f"defense.{key}={value} must be >= {minimum:g}, e.g. {example}")
+    return number
+
+
+def positive(value: Any, key: str, example: Any) -> float:
+    """A defense setting `key` as a float > 0, else a one-line error."""
+    number = coerce(value, "float", f"defense.{key}")
+    if number <= 0:
+        raise BdrunError(f"defense.{key}={value} must be > 0, e.g. {example}")
+    return number
+
+
+def one_of(value: Any, key: str, choices: tuple[str, ...]) -> str:
+    """A defense setting `key` if it is one of `choices`, else a one-line error listing them."""
+    if value not in choices:
+        raise BdrunError(f"defense.{key}={value!r} must be one of {', '.join(choices)}")
+    return str(value)

@@ -32,18 +32,11 @@ from torch import Tensor, nn
 
 from bdrun.defenses.base import NOTHING_CARRIED, Carried, Defense
 from bdrun.defenses.pruning import chunks, copy_model
-from bdrun.defenses.unlearning import (
-    at_least,
-    holdout_tensors,
-    one_of,
-    outer_optimizer,
-    perturbed,
-    positive,
-)
+from bdrun.defenses.unlearning import holdout_tensors, outer_optimizer, perturbed
 from bdrun.finite import DivergenceWatch
 from bdrun.metrics import on_device
 from bdrun.models.probes import project_perturbation
-from bdrun.validate import fraction
+from bdrun.validate import at_least, fraction, one_of, positive
 
 if TYPE_CHECKING:
     from bdrun.context import RunContext

@@ -23,18 +23,12 @@ from torch import Tensor, nn
 
 from bdrun.defenses.base import NOTHING_CARRIED, Carried, Defense
 from bdrun.defenses.pruning import chunks, copy_model
-from bdrun.defenses.unlearning import (
-    at_least,
-    holdout_tensors,
-    one_of,
-    outer_optimizer,
-    perturbed,
-    positive,
-)
+from bdrun.defenses.unlearning import holdout_tensors, outer_optimizer, perturbed
 from bdrun.errors import BdrunError
 from bdrun.finite import DivergenceWatch
 from bdrun.metrics import on_device
 from bdrun.models.probes import NORMS, project_perturbation
+from bdrun.validate import at_least, one_of, positive
 
 if TYPE_CHECKING:
     from bdrun.context import RunContext

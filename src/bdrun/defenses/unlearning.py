@@ -1,5 +1,5 @@
 """What the adversarial-unlearning repairs (I-BAU, SAU) share: adding a perturbation to images,
-the clean holdout as tensors, the checks of their settings, and a check of its size.
+the clean holdout as tensors with a check of its size, and the model's optimizer.
 
 Both work in bdrun's pixel space: images are floats in [0, 1] and the model normalises inside
 (bdrun.models.base.ImageClassifier), so a perturbation's bound is in pixel units, as in the
@@ -9,15 +9,13 @@ perturbation to the de-normalised image and normalises again).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from bdrun.data.base import to_float
 from bdrun.defenses.base import require_holdout
-from bdrun.errors import BdrunError
-from bdrun.validate import coerce
 
 if TYPE_CHECKING:
     from bdrun.context import RunContext
@@ -37,29 +35,6 @@ def holdout_tensors(holdout: ImageSet, ctx: RunContext, who: str) -> tuple[Tenso
     clean images than labels has nothing to keep each label by)."""
     require_holdout(holdout, ctx.info.num_classes, who)
     return to_float(holdout.x).to(ctx.device), holdout.y.to(ctx.device)
-
-
-def at_least(value: Any, kind: str, key: str, minimum: float, example: Any) -> Any:
-    """`value` as an int or float that is >= minimum, else a one-line error naming `key`."""
-    number = coerce(value, kind, f"defense.{key}")
-    if number < minimum:
-        raise BdrunError(f"defense.{key}={value} must be >= {minimum:g}, e.g. {example}")
-    return number
-
-
-def positive(value: Any, key: str, example: Any) -> float:
-    """`value` as a float > 0, else a one-line error naming `key`."""
-    number = coerce(value, "float", f"defense.{key}")
-    if number <= 0:
-        raise BdrunError(f"defense.{key}={value} must be > 0, e.g. {example}")
-    return number
-
-
-def one_of(value: Any, key: str, choices: tuple[str, ...]) -> str:
-    """`value` if it is one of `choices`, else a one-line error listing them."""
-    if value not in choices:
-        raise BdrunError(f"defense.{key}={value!r} must be one of {', '.join(choices)}")
-    return str(value)
 
 
 def outer_optimizer(
