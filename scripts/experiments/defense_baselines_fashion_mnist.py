@@ -2,7 +2,7 @@
 (docs/defenses/baselines_fashion_mnist.md): ANP, i-BAU, CLP, RNP, FT-SAM, SAU, FST, SCALE-UP and
 IBD-PSC at their defaults, against BadNets, Blend, WaNet and SIG.
 
-Two `bdrun -m` commands, two torch threads, jobs one after another:
+Two `bdrun -m` commands, two jobs at a time (`hydra/launcher=local`), one torch thread each:
 - `table`: every defense (and `none`) against the four attacks, seed 0. Its sweep folder's
   summary.md holds bdrun-report's attack x defense matrix.
 - `seeds`: the nine defenses against BadNets with seeds 1 and 2; with seed 0 from `table` they
@@ -25,18 +25,15 @@ REPAIRS = ("anp", "i_bau", "clp", "rnp", "ft_sam", "sau", "fst")
 DETECTORS = ("scale_up", "ibd_psc")
 DEFENSES = (*REPAIRS, *DETECTORS)
 ATTACKS = ("badnets", "blend", "wanet", "sig")
-BASE = ("dataset=fashion_mnist", "model=small_cnn_bn")
+BASE = ("dataset=fashion_mnist", "model=small_cnn_bn", "hydra/launcher=local")
 ASR_BAR, CCA_DROP_BAR, AUROC_BAR = 0.10, 0.05, 0.9
 
 SWEEPS = [
     Sweep(
         "table",
         (*BASE, f"attack={','.join(ATTACKS)}", f"defense=none,{','.join(DEFENSES)}", "seed=0"),
-        threads=2,
     ),
-    Sweep(
-        "seeds", (*BASE, "attack=badnets", f"defense={','.join(DEFENSES)}", "seed=1,2"), threads=2
-    ),
+    Sweep("seeds", (*BASE, "attack=badnets", f"defense={','.join(DEFENSES)}", "seed=1,2")),
 ]
 
 
