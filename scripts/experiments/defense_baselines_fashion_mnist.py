@@ -3,11 +3,13 @@
 IBD-PSC at their defaults, against BadNets, Blend, WaNet and SIG.
 
 Two `bdrun -m` commands, two jobs at a time (`hydra/launcher=local`), one torch thread each:
-- `table`: every defense (and `none`) against the four attacks, seed 0. Its sweep folder's
-  summary.md holds bdrun-report's attack x defense matrix.
-- `seeds`: the nine defenses against BadNets with seeds 1 and 2; with seed 0 from `table` they
-  give mean ± std over seeds 0, 1, 2 against the issue's bars: ASR <= 10 % at a CCA drop of at
-  most 5 points for the repairs, AUROC >= 0.9 for the detectors.
+- `badnets`: every defense (and `none`) against BadNets with seeds 0, 1 and 2: mean ± std
+  against the issue's bars (ASR <= 10 % at a CCA drop of at most 5 points for the repairs,
+  AUROC >= 0.9 for the detectors);
+- `others`: every defense (and `none`) against Blend, WaNet and SIG, seed 0.
+`bdrun-report` on the script's output folder gives the attack x defense matrix over both (the
+BadNets row a mean over three seeds). With the time for it, the table is one command:
+`bdrun -m ... attack=badnets,blend,wanet,sig defense=none,anp,... seed=0,1,2`.
 Every defense decides on the 5 % clean holdout; the test sets only score. Needs Fashion-MNIST
 (Debian's dataset-fashion-mnist). Each poisoned model is trained once (the model cache) and
 reused by every defense.
@@ -29,11 +31,11 @@ BASE = ("dataset=fashion_mnist", "model=small_cnn_bn", "hydra/launcher=local")
 ASR_BAR, CCA_DROP_BAR, AUROC_BAR = 0.10, 0.05, 0.9
 
 SWEEPS = [
+    Sweep("badnets", (*BASE, "attack=badnets", f"defense=none,{','.join(DEFENSES)}", "seed=0,1,2")),
     Sweep(
-        "table",
-        (*BASE, f"attack={','.join(ATTACKS)}", f"defense=none,{','.join(DEFENSES)}", "seed=0"),
+        "others",
+        (*BASE, "attack=blend,wanet,sig", f"defense=none,{','.join(DEFENSES)}", "seed=0"),
     ),
-    Sweep("seeds", (*BASE, "attack=badnets", f"defense={','.join(DEFENSES)}", "seed=1,2")),
 ]
 
 
