@@ -136,6 +136,16 @@ def conf_options(group: str) -> list[str]:
     return sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml"))
 
 
+# defenses that learn masks on BatchNorm channels: the default small CNN has none
+NEEDS_BATCH_NORM = frozenset({"anp", "rnp"})
+
+
+def defense_model(defense: str) -> list[str]:
+    """The model override a grid run of `defense` needs: model=small_cnn_bn where the defense
+    works on BatchNorm channels, none otherwise."""
+    return ["model=small_cnn_bn"] if defense in NEEDS_BATCH_NORM else []
+
+
 def attack_overrides(attack: str, folder: Path, *overrides: str) -> list[str]:
     """Overrides an attack needs beyond its YAML to run in a test (given the other overrides).
 

@@ -16,7 +16,7 @@ from bdrun.defenses.finetune import FineTune
 from bdrun.loggers import RunLogger
 from bdrun.runner import Prepared, build_defenses, prepare
 
-from conftest import attack_overrides, compose_config, conf_options, poison_only
+from conftest import NEEDS_BATCH_NORM, attack_overrides, compose_config, conf_options, poison_only
 from contracts import (
     DefenseOutputs,
     check_backdoor_test,
@@ -32,8 +32,6 @@ DEFENSES = conf_options("defense")
 # random 16x16 colour images: every trigger changes every image it touches
 FAKE = ("dataset=fake", "dataset.source.shape=[3,16,16]", "dataset.source.n_train=600")
 DIGITS_SMOKE = ("debug=smoke", "logger=none")
-# defenses that learn masks on BatchNorm channels need a model with BatchNorm
-NEEDS_BATCH_NORM = {"anp", "rnp"}
 
 
 class InertBadNets(BadNets):

@@ -12,7 +12,7 @@ from bdrun.data.fake import FakeImages
 from bdrun.data.loader import InMemoryLoader
 from bdrun.runner import run
 
-from conftest import attack_overrides, compose_config, conf_options
+from conftest import attack_overrides, compose_config, conf_options, defense_model
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 DIGITS = ("logger=none", "train.epochs=8")
@@ -84,13 +84,15 @@ def test_ddp_over_nccl_on_one_gpu(tmp_path):
     + [("badnets", d) for d in conf_options("defense") if d != "none"],
 )
 def test_every_attack_and_defense_runs_on_the_gpu(tmp_path, attack, defense):
-    extra = attack_overrides(attack, tmp_path, "debug=smoke", "trainer=gpu")
+    model = defense_model(defense)
+    extra = attack_overrides(attack, tmp_path, "debug=smoke", "trainer=gpu", *model)
     cfg = compose_config(
         f"attack={attack}",
         f"defense={defense}",
         "debug=smoke",
         "trainer=gpu",
         "logger=none",
+        *model,
         *extra,
     )
     results = run(cfg, tmp_path)

@@ -16,7 +16,7 @@ import pytest
 
 from bdrun.runner import run
 
-from conftest import attack_overrides, compose_config, conf_options, run_bdrun
+from conftest import attack_overrides, compose_config, conf_options, defense_model, run_bdrun
 
 ATTACKS, DEFENSES = conf_options("attack"), conf_options("defense")
 ONCE = [(attack, "none") for attack in ATTACKS] + [
@@ -31,9 +31,10 @@ REST = [pair for pair in OTHERS if pair not in SAMPLED]
 
 
 def smoke_run(attack: str, defense: str, tmp_path) -> None:
-    extra = attack_overrides(attack, tmp_path, "debug=smoke")
+    model = defense_model(defense)
+    extra = attack_overrides(attack, tmp_path, "debug=smoke", *model)
     cfg = compose_config(
-        f"attack={attack}", f"defense={defense}", "debug=smoke", "logger=none", *extra
+        f"attack={attack}", f"defense={defense}", "debug=smoke", "logger=none", *model, *extra
     )
     run(cfg, tmp_path)
     written = json.loads((tmp_path / "results.json").read_text())
