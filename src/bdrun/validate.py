@@ -65,7 +65,7 @@ def at_least(value: Any, kind: str, key: str, minimum: float, example: Any) -> A
     """A defense setting `key` as an int or float that is >= minimum, else a one-line error."""
     number = coerce(value, kind, f"defense.{key}")
     if number < minimum:
-        raise BdrunError(f"defense.{key}={value} must be >= {minimum:g}, e.g. {example}")
+        raise BdrunError(f"defense.{key}={number} must be >= {minimum:g}, e.g. {example}")
     return number
 
 
@@ -73,7 +73,7 @@ def positive(value: Any, key: str, example: Any) -> float:
     """A defense setting `key` as a float > 0, else a one-line error."""
     number = coerce(value, "float", f"defense.{key}")
     if number <= 0:
-        raise BdrunError(f"defense.{key}={value} must be > 0, e.g. {example}")
+        raise BdrunError(f"defense.{key}={number} must be > 0, e.g. {example}")
     return number
 
 

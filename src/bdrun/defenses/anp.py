@@ -25,7 +25,7 @@ from bdrun.defenses.bn_masks import (
 from bdrun.errors import BdrunError
 from bdrun.finite import DivergenceWatch
 from bdrun.rng import seeded_global
-from bdrun.validate import check_sgd, coerce, fraction
+from bdrun.validate import at_least, check_sgd, coerce, fraction, positive
 
 if TYPE_CHECKING:
     from bdrun.context import RunContext
@@ -129,19 +129,11 @@ class Anp(BnMaskPruning):
                 f"defense.eps={self.eps} must be in [0, 1] (a relative perturbation of each "
                 "BatchNorm weight; the authors use 0.4)"
             )
-        self.steps = coerce(steps, "int", "defense.steps")
-        if self.steps < 1:
-            raise BdrunError(f"defense.steps={self.steps} must be >= 1 (the authors use 1)")
+        self.steps = at_least(steps, "int", "steps", 1, 1)
         self.alpha = fraction(alpha, "defense.alpha")
-        self.lr = coerce(lr, "float", "defense.lr")
-        if self.lr <= 0:
-            raise BdrunError(f"defense.lr={self.lr} must be > 0 (the authors use 0.2)")
+        self.lr = positive(lr, "lr", 0.2)
         _, self.momentum, _ = check_sgd(self.batch_size, momentum, 0.0)
-        self.iterations = coerce(iterations, "int", "defense.iterations")
-        if self.iterations < 1:
-            raise BdrunError(
-                f"defense.iterations={self.iterations} must be >= 1 (the authors use 2000)"
-            )
+        self.iterations = at_least(iterations, "int", "iterations", 1, 2000)
 
     def learn_masks(
         self, model: nn.Module, channels: BnChannels, clean: ImageSet, ctx: RunContext

@@ -305,9 +305,14 @@ class BnMaskPruning(Defense):
         batch, device = ctx.settings.eval_batch_size, ctx.device
         grid = threshold_grid(self.pruning_max, self.pruning_step, [self.threshold])
 
+        measured: dict[bytes, float] = {}  # thresholds that prune the same channels: one pass
+
         def holdout_acc(pruned: Tensor) -> float:
-            pruned_model = prune_channels(model, channels, pruned)
-            return accuracy(predict(pruned_model, holdout.x, batch, device), holdout.y)
+            key = pruned.numpy().tobytes()
+            if key not in measured:
+                pruned_model = prune_channels(model, channels, pruned)
+                measured[key] = accuracy(predict(pruned_model, holdout.x, batch, device), holdout.y)
+            return measured[key]
 
         unpruned = accuracy(predict(model, holdout.x, batch, device), holdout.y)
         accs = [holdout_acc(pruned_at(masks, t)) for t in grid]
@@ -331,9 +336,12 @@ class BnMaskPruning(Defense):
                 **self.scores(ctx.evaluate(model)),
             }
         ]
+        scored: dict[bytes, dict[str, Any]] = {}  # the same pruned channels: scored once
         for threshold, acc in zip(plan.thresholds, plan.holdout_acc, strict=True):
             pruned = pruned_at(plan.masks, threshold)
-            figures = ctx.evaluate(prune_channels(model, channels, pruned))
+            key = pruned.numpy().tobytes()
+            if key not in scored:
+                scored[key] = self.scores(ctx.evaluate(prune_channels(model, channels, pruned)))
             count = int(pruned.sum())
             rows.append(
                 {
@@ -341,7 +349,7 @@ class BnMaskPruning(Defense):
                     "pruned": count,
                     "fraction": count / total,
                     "holdout_acc": acc,
-                    **self.scores(figures),
+                    **scored[key],
                 }
             )
         return rows

@@ -23,10 +23,9 @@ from bdrun.defenses.bn_masks import (
     scaled_forward,
     working_copy,
 )
-from bdrun.errors import BdrunError
 from bdrun.finite import DivergenceWatch
 from bdrun.rng import seeded_global
-from bdrun.validate import check_sgd, coerce, fraction
+from bdrun.validate import at_least, check_sgd, coerce, fraction, positive
 
 if TYPE_CHECKING:
     from bdrun.context import RunContext
@@ -83,31 +82,15 @@ class Rnp(BnMaskPruning):
     ) -> None:
         super().__init__(**shared)
         self.clean_threshold = fraction(clean_threshold, "defense.clean_threshold")
-        self.unlearning_lr = self.positive(unlearning_lr, "unlearning_lr", "0.01")
-        self.recovering_lr = self.positive(recovering_lr, "recovering_lr", "0.2")
-        self.unlearning_epochs = self.at_least_one(unlearning_epochs, "unlearning_epochs", "20")
-        self.recovering_epochs = self.at_least_one(recovering_epochs, "recovering_epochs", "20")
+        self.unlearning_lr = positive(unlearning_lr, "unlearning_lr", 0.01)
+        self.recovering_lr = positive(recovering_lr, "recovering_lr", 0.2)
+        self.unlearning_epochs = at_least(unlearning_epochs, "int", "unlearning_epochs", 1, 20)
+        self.recovering_epochs = at_least(recovering_epochs, "int", "recovering_epochs", 1, 20)
         self.milestones = [
             coerce(m, "int", "defense.unlearning_milestones") for m in unlearning_milestones or ()
         ]
         _, self.momentum, self.weight_decay = check_sgd(self.batch_size, momentum, weight_decay)
-        self.alpha = coerce(alpha, "float", "defense.alpha")
-        if self.alpha <= 0:
-            raise BdrunError(f"defense.alpha={self.alpha} must be > 0 (the authors use 0.2)")
-
-    @staticmethod
-    def positive(value: Any, key: str, authors: str) -> float:
-        number = coerce(value, "float", f"defense.{key}")
-        if number <= 0:
-            raise BdrunError(f"defense.{key}={number} must be > 0 (the authors use {authors})")
-        return number
-
-    @staticmethod
-    def at_least_one(value: Any, key: str, authors: str) -> int:
-        number = coerce(value, "int", f"defense.{key}")
-        if number < 1:
-            raise BdrunError(f"defense.{key}={number} must be >= 1 (the authors use {authors})")
-        return number
+        self.alpha = positive(alpha, "alpha", 0.2)
 
     def unlearn(self, model: nn.Module, clean: ImageSet, ctx: RunContext) -> nn.Module:
         """The unlearned copy of `model` (gradient ascent until clean_threshold)."""
