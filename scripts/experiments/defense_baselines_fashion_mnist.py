@@ -41,6 +41,10 @@ SWEEPS = [
     Sweep("badnets-cheap", (*BASE, "attack=badnets", f"defense={','.join(CHEAP)}", "seed=0,1,2")),
     Sweep("badnets-anp-ft_sam", (*BASE, "attack=badnets", "seed=0,1,2", "defense=anp,ft_sam")),
     Sweep("badnets-sau", (*BASE, "attack=badnets", "seed=0,1,2", "defense=sau", SAU_EPOCHS)),
+    # The jobs of badnets-anp-ft_sam (run in that order) that the first session's stop cut off;
+    # a sweep does not resume, so these finish it without repeating the finished ones.
+    Sweep("badnets-anp-seed2", (*BASE, "attack=badnets", "seed=2", "defense=anp")),
+    Sweep("badnets-ft_sam-seeds12", (*BASE, "attack=badnets", "seed=1,2", "defense=ft_sam")),
     Sweep(
         "others-cheap", (*BASE, "attack=blend,wanet,sig", f"defense={','.join(CHEAP)}", "seed=0")
     ),
