@@ -5,7 +5,12 @@ VENV ?= .venv
 # e.g. `make install TORCH_SPEC="torch==2.13.0"` from their CUDA index.
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist), one torch thread each; each worker starts on a contiguous half
+# of the tests (a module's trained fixtures built once or twice) and steals from the other's
+# queue when done. PYTEST_WORKERS=0 runs everything in one process.
+PYTEST_WORKERS ?= 2
 BIN := $(VENV)/bin
+PYTEST := $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist worksteal
 STAMP := $(VENV)/.bdrun-installed
 
 .DEFAULT_GOAL := help
@@ -26,16 +31,16 @@ run: $(STAMP) ## Set up, then run the embedded default (digits, small CNN, BadNe
 	$(BIN)/bdrun
 
 test: $(STAMP) ## Set up, then run the fast test suite (a few minutes on 2 CPU cores)
-	$(BIN)/python -m pytest -m "not slow" -q $(PYTEST_ARGS)
+	$(PYTEST) -m "not slow" -q $(PYTEST_ARGS)
 
 test-slow: $(STAMP) ## Real-data fidelity runs, sweeps, DDP, Slurm (marked slow)
-	$(BIN)/python -m pytest -m slow -q $(PYTEST_ARGS)
+	$(PYTEST) -m slow -q $(PYTEST_ARGS)
 
 test-slow-ci: $(STAMP) ## The slow tests that need no downloaded data: smoke grid, sweeps, DDP, CSAW, showcase
-	$(BIN)/python -m pytest -m "slow and not fashion_mnist" -q $(PYTEST_ARGS)
+	$(PYTEST) -m "slow and not fashion_mnist" -q $(PYTEST_ARGS)
 
 test-all: $(STAMP) ## Every test
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(PYTEST) -q $(PYTEST_ARGS)
 
 lint: $(STAMP) ## ruff lint and format check
 	$(BIN)/ruff check src tests benchmarks scripts

@@ -39,7 +39,13 @@ def isolated_env(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["WANDB_MODE"] = "offline"
     os.environ["CI"] = "true"
     os.environ.pop("HYDRA_FULL_ERROR", None)
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+        # pytest -n N: one torch thread per worker (and per bdrun it starts), so N workers
+        # share the cores instead of each one's threads waiting on the others'
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+    else:
+        torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 def compose_config(*overrides: str) -> DictConfig:
