@@ -46,6 +46,12 @@ class Attack:
     #: True where the attack poisons only target-class samples and keeps every label (SIG,
     #: Turner et al.'s label-consistent attack)
     clean_label = False
+    #: after `poison`: bool mask over the training set of the samples that carry (part of) a
+    #: trigger yet keep their true label (Qi et al.'s regularisation, or "cover", samples); None
+    #: where the attack makes none. They are not poisoned: the poison mask, the poison rate and
+    #: a filter's precision and recall count them as clean samples (the authors' accounting);
+    #: the runner reports how many a filter removed (`cover_removed`).
+    cover: Tensor | None = None
 
     def __init__(self, target: int, poison_rate: float, label_mode: str) -> None:
         self.target = int(target)
@@ -99,10 +105,14 @@ class Attack:
             return y == self.target
         return self.backdoor_label(y) != y
 
+    def poison_count(self, n: int) -> int:
+        """How many of n training samples `select` poisons: round(poison_rate * n)."""
+        return round(self.poison_rate * n)
+
     def select(self, y: Tensor, g: torch.Generator) -> Tensor:
-        """Bool mask of exactly round(poison_rate * len(y)) eligible samples, drawn with g."""
+        """Bool mask of exactly poison_count(len(y)) eligible samples, drawn with g."""
         candidates = self.eligible(y).nonzero().flatten()
-        count = round(self.poison_rate * len(y))
+        count = self.poison_count(len(y))
         if count > len(candidates):
             kind = "target-class" if self.clean_label else "eligible"
             raise BdrunError(
