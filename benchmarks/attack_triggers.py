@@ -84,8 +84,8 @@ def main() -> None:
             "narcissus x3": rate(lambda: (x + 3 * narcissus_trigger).clamp_(0, 1), n),
         }
     figures["narcissus optimisation (per pass)"] = rate(
-        lambda: optimise_trigger(model, x[:350], 0, 16 / 255, 1, 0.01, 350, g), 350, 1
-    )
+        lambda: optimise_trigger(model, x[:350], 0, 16 / 255, 1, 0.01, 350, g), 350, 2
+    )  # best of two: the first optimizer step imports more of torch
     figures["clean_label PGD (per step)"] = 20 * rate(
         lambda: pgd(model, x[:512], y, 300 / 255, 20, 2.5 * (300 / 255) / 20, "l2"), 512, 1
     )

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from bdrun.attacks.base import Attack
+from bdrun.attacks.base import Attack, draw_mask
 from bdrun.attacks.blend import key_pattern
 from bdrun.attacks.triggers import load_image, place
 from bdrun.data.base import DataInfo, ImageSet
@@ -66,10 +66,7 @@ class AdaptiveAttack(Attack):
                 f"attack.cover_rate={self.cover_rate} needs {count} samples besides the "
                 f"{int(poisoned.sum())} poisoned ones but only {len(candidates)} exist; lower it"
             )
-        chosen = candidates[torch.randperm(len(candidates), generator=g)[:count]]
-        mask = torch.zeros(len(poisoned), dtype=torch.bool)
-        mask[chosen] = True
-        return mask
+        return draw_mask(candidates, count, len(poisoned), g)
 
     def training_trigger(self, x: Tensor, g: torch.Generator) -> Tensor:
         """The training-time (partial) trigger on float images x, one draw per image from g."""

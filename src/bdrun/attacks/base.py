@@ -25,6 +25,14 @@ if TYPE_CHECKING:
 LABEL_MODES = ("all2one", "all2all")
 
 
+def draw_mask(candidates: Tensor, count: int, size: int, g: torch.Generator) -> Tensor:
+    """Bool mask over `size` samples with `count` of the `candidates` (indices) drawn with g."""
+    chosen = candidates[torch.randperm(len(candidates), generator=g)[:count]]
+    mask = torch.zeros(size, dtype=torch.bool)
+    mask[chosen] = True
+    return mask
+
+
 class Attack:
     """Base class. A data-time attack implements `apply_trigger` (batched, pure) and nothing else.
 
@@ -119,10 +127,7 @@ class Attack:
                 f"attack.poison_rate={self.poison_rate} needs {count} {kind} training samples "
                 f"but only {len(candidates)} exist; lower the rate"
             )
-        chosen = candidates[torch.randperm(len(candidates), generator=g)[:count]]
-        mask = torch.zeros(len(y), dtype=torch.bool)
-        mask[chosen] = True
-        return mask
+        return draw_mask(candidates, count, len(y), g)
 
     # -- triggers ------------------------------------------------------------------------------
     def apply_trigger(self, x: Tensor) -> Tensor:
