@@ -44,11 +44,12 @@ def gaussian_blur(x: Tensor, sigma: Tensor) -> Tensor:
     side 2 ceil(2 sigma) + 1 and mirrored borders, as OpenCV's GaussianBlur with the authors'
     kernel size; separable, one grouped convolution per axis for the whole batch."""
     n, c, h, w = x.shape
-    half_all = torch.ceil(2 * sigma).long()
+    sigma = sigma.to(x)
+    half_all = torch.ceil(2 * sigma)
     half = int(min(int(half_all.max()), h - 1, w - 1))
-    taps = torch.arange(-half, half + 1, dtype=x.dtype)
-    kernel = torch.exp(-(taps[None] ** 2) / (2 * sigma[:, None].to(x) ** 2))
-    kernel = kernel * (taps[None].abs() <= half_all[:, None].to(x))
+    taps = torch.arange(-half, half + 1, dtype=x.dtype, device=x.device)
+    kernel = torch.exp(-(taps[None] ** 2) / (2 * sigma[:, None] ** 2))
+    kernel = kernel * (taps[None].abs() <= half_all[:, None])
     kernel = kernel / kernel.sum(1, keepdim=True)
     weight = kernel.repeat_interleave(c, 0)  # [N*C, K]
     flat = x.reshape(1, n * c, h, w)
@@ -90,9 +91,9 @@ def out_of_focus(t: Tensor, r: Tensor, alpha_t: Tensor, sigma: Tensor, att: Tens
     total = r_blur + t
     over = total > 1
     over_mean = (total * over).sum((2, 3)) / (over.sum((2, 3)) + 1e-6)
-    r_blur = r_blur - ((over_mean.clamp_min(1.0) - 1) * att[:, None])[..., None, None]
+    r_blur = r_blur - ((over_mean.clamp_min(1.0) - 1) * att.to(t)[:, None])[..., None, None]
     r_blur = r_blur.clamp(0, 1)
-    alpha = alpha_t.view(-1, 1, 1, 1)
+    alpha = alpha_t.to(t).view(-1, 1, 1, 1)
     mask = vignette(*t.shape[2:]).to(t) * (1 - alpha / 2)
     return (r_blur * mask + t * alpha).clamp(0, 1).pow(1 / GAMMA).clamp(0, 1)
 
@@ -108,7 +109,7 @@ def ghost(t: Tensor, r: Tensor, alpha_t: Tensor, offset: Tensor, ghost_alpha: Te
 
     def sampled(sign: float) -> Tensor:
         # the overlap [o, side) of the unshifted copy (sign +1) or [0, side - o) of the shifted one
-        theta = torch.zeros(n, 2, 3, dtype=r.dtype)
+        theta = torch.zeros(n, 2, 3, dtype=r.dtype, device=r.device)
         theta[:, 0, 0], theta[:, 0, 2] = 1 - shift_x, sign * shift_x
         theta[:, 1, 1], theta[:, 1, 2] = 1 - shift_y, sign * shift_y
         grid = F.affine_grid(theta, [n, c, h, w], align_corners=False)
@@ -116,7 +117,7 @@ def ghost(t: Tensor, r: Tensor, alpha_t: Tensor, offset: Tensor, ghost_alpha: Te
 
     weight = ghost_alpha.view(-1, 1, 1, 1).to(r)
     ghosted = weight * sampled(1.0) + (1 - weight) * sampled(-1.0)
-    alpha = alpha_t.view(-1, 1, 1, 1)
+    alpha = alpha_t.to(r).view(-1, 1, 1, 1)
     return (ghosted * (1 - alpha) + t * alpha).clamp(0, 1).pow(1 / GAMMA).clamp(0, 1)
 
 
