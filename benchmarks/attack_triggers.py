@@ -2,9 +2,12 @@
 
 .venv/bin/python benchmarks/attack_triggers.py [--n 10000] [--shape 1 28 28] [--threads 1]
 
-Data-time triggers (blend, SIG, the label-consistent corner, the WaNet warp) run once over the
-in-memory tensor; the input-aware generator and the label-consistent PGD (per step, on a small
-CNN) are the costly ones and are timed per image too.
+Data-time triggers (blend, SIG, the label-consistent corner, the WaNet warp, Refool's
+reflections, the adaptive attacks' test and training triggers, Narcissus' magnified
+perturbation) run once over the in-memory tensor; the input-aware generator and the
+label-consistent PGD (per step, on a small CNN) are the costly ones and are timed per image too.
+Narcissus' trigger optimisation (per pass over a 350-image target batch) is timed on the small
+CNN as well.
 """
 
 from __future__ import annotations
@@ -18,8 +21,11 @@ import torch
 from bdrun.attacks.clean_label import corner_trigger, pgd
 from bdrun.attacks.generators import TriggerNet
 from bdrun.attacks.input_aware import stamp_generated
+from bdrun.attacks.narcissus import optimise_trigger
 from bdrun.attacks.triggers import blend, identity_grid, sinusoid, warp
 from bdrun.attacks.wanet import warping_field
+from bdrun.config import component
+from bdrun.data.base import DataInfo
 from bdrun.models.small_cnn import SmallCNN
 
 
@@ -50,6 +56,12 @@ def main() -> None:
     patterns, masks = TriggerNet(shape).eval(), TriggerNet(shape, 1).eval()
     model = SmallCNN(shape, 10).eval()
     y = torch.randint(10, (512,), generator=g)
+    info = DataInfo("bench", shape, 10)
+    attacks = {}
+    for name in ("refool", "adaptive_blend", "adaptive_patch"):
+        attacks[name] = component("attack", name)
+        attacks[name].setup(info, 0)
+    narcissus_trigger = 16 / 255 * (2 * torch.rand(shape, generator=g) - 1)
 
     with torch.no_grad():
         figures = {
@@ -60,7 +72,20 @@ def main() -> None:
             "input_aware generator": rate(
                 lambda: [stamp_generated(b, b, patterns, masks) for b in x.split(1024)], n, 1
             ),
+            "refool reflections": rate(lambda: attacks["refool"].apply_trigger(x), n, 1),
+            "adaptive_blend test": rate(lambda: attacks["adaptive_blend"].apply_trigger(x), n),
+            "adaptive_blend training": rate(
+                lambda: attacks["adaptive_blend"].training_trigger(x, g), n
+            ),
+            "adaptive_patch test": rate(lambda: attacks["adaptive_patch"].apply_trigger(x), n),
+            "adaptive_patch training": rate(
+                lambda: attacks["adaptive_patch"].training_trigger(x, g), n
+            ),
+            "narcissus x3": rate(lambda: (x + 3 * narcissus_trigger).clamp_(0, 1), n),
         }
+    figures["narcissus optimisation (per pass)"] = rate(
+        lambda: optimise_trigger(model, x[:350], 0, 16 / 255, 1, 0.01, 350, g), 350, 2
+    )  # best of two: the first optimizer step imports more of torch
     figures["clean_label PGD (per step)"] = 20 * rate(
         lambda: pgd(model, x[:512], y, 300 / 255, 20, 2.5 * (300 / 255) / 20, "l2"), 512, 1
     )

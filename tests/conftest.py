@@ -157,8 +157,12 @@ def attack_overrides(attack: str, folder: Path, *overrides: str) -> list[str]:
 
     attack=pretrained gets generated files under `folder`: the configured model's seeded, untrained
     weights (safetensors) and a poisoned h5 file (CSAW layout, 0..255 values) of test images with
-    a white 3x3 corner patch, labelled 0.
+    a white 3x3 corner patch, labelled 0. attack=narcissus gets a short trigger optimisation,
+    warm-up and surrogate (the authors' 1,000 passes, 5 epochs and train.epochs change nothing
+    a test checks, and cost minutes on a loaded CPU).
     """
+    if attack == "narcissus":
+        return ["attack.trigger_steps=20", "attack.warmup_epochs=1", "attack.surrogate_epochs=2"]
     if attack != "pretrained":
         return []
     import h5py

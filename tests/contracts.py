@@ -48,19 +48,26 @@ def check_trigger_function(attack: Attack, x: Tensor) -> None:
 
 
 def check_poisoned_set(attack: Attack, clean: ImageSet, poisoned: ImageSet, name: str) -> None:
-    """The poisoned training set: shape, dtype and range kept; exactly round(rate * N) samples
-    poisoned; only they differ from the clean data (inside the trigger region, every one of
-    them where the attack stamps them now); labels follow the label mode; ground truth kept."""
+    """The poisoned training set: shape, dtype and range kept; exactly poison_count(N) samples
+    poisoned (round(rate * N) unless the attack documents otherwise); only they and the
+    attack's cover samples (trigger, true label, never poisoned) differ from the clean data
+    (inside the trigger region, every one of them where the attack stamps them now); labels
+    follow the label mode; ground truth kept."""
     assert poisoned.x.shape == clean.x.shape and poisoned.x.dtype == clean.x.dtype
     as_float = to_float(poisoned.x)
     assert as_float.min() >= 0 and as_float.max() <= 1
     mask = poisoned.poison
-    expected = 0 if name == "none" else round(attack.poison_rate * len(clean))
+    expected = 0 if name == "none" else attack.poison_count(len(clean))
     assert int(mask.sum()) == expected, f"{int(mask.sum())} poisoned, expected {expected}"
     assert torch.equal(poisoned.orig_y, clean.y) and torch.equal(poisoned.index, clean.index)
 
     changed = changed_pixels(poisoned.x, clean.x)
-    assert not changed[~mask].any(), "clean training samples were modified"
+    cover = attack.cover if attack.cover is not None else torch.zeros_like(mask)
+    assert not (cover & mask).any(), "a cover sample is also poisoned"
+    assert torch.equal(poisoned.y[cover], clean.y[cover]), "a cover sample was relabelled"
+    if attack.stamps_inputs and cover.any():
+        assert changed[cover].flatten(1).any(1).all(), "some cover samples carry no trigger"
+    assert not changed[~mask & ~cover].any(), "clean training samples were modified"
     if attack.stamps_inputs and not attack.triggers_in_training and expected:
         assert changed[mask].flatten(1).any(1).all(), "some poisoned samples carry no trigger"
     region = attack.trigger_region()

@@ -127,6 +127,7 @@ def attack_stage(
         holdout=splits.holdout,
         test=splits.test,
         backdoor_test=attack.backdoor_test(splits.test),
+        cover=attack.cover,
     )
     return data, model, status, train_s
 
@@ -267,7 +268,8 @@ def run_defenses(
         mask = defense.inspect_data(model, data, own)
         if mask is not None:
             mask = check_mask(mask, len(data.train), f"{defense.name}'s keep mask")
-            figures.update(score_removal(~mask, data.train, f"{defense.name}/per_class", ctx))
+            table = f"{defense.name}/per_class"
+            figures.update(score_removal(~mask, data.train, table, ctx, data.cover))
             keep = mask if keep is None else keep & mask
     training_data = data.train if keep is None else data.train.subset(keep)
     current = model
@@ -279,7 +281,10 @@ def run_defenses(
             current = trained.model
             if trained.set_apart is not None:
                 set_apart = check_mask(trained.set_apart, len(training_data), defense.name)
-                figures.update(score_removal(set_apart, training_data, None, ctx))
+                cover = data.cover
+                if cover is not None and keep is not None:
+                    cover = cover[keep]
+                figures.update(score_removal(set_apart, training_data, None, ctx, cover))
     for i, (defense, own, figures) in enumerate(everyone):
         verdict = defense.inspect_model(current, data, own)
         if verdict is not None:
@@ -310,12 +315,22 @@ def check_mask(mask: Tensor, size: int, what: str) -> Tensor:
     return mask
 
 
-def score_removal(removed: Tensor, data: ImageSet, table: str | None, ctx: RunContext) -> dict:
+def score_removal(
+    removed: Tensor,
+    data: ImageSet,
+    table: str | None,
+    ctx: RunContext,
+    cover: Tensor | None = None,
+) -> dict:
     """Precision, recall and count of the removed samples against the poison ground truth; the
-    per-label breakdown goes to the logger as `table`."""
+    per-label breakdown goes to the logger as `table`. Where the attack made cover samples
+    (trigger, true label), they count as clean and `cover_removed` says how many went."""
     if table:
         ctx.logger.log_table(table, *per_class_rows(data.y, removed, data.poison))
-    return removal_metrics(removed, data.poison)
+    figures = removal_metrics(removed, data.poison)
+    if cover is not None:
+        figures["cover_removed"] = int((removed & cover).sum())
+    return figures
 
 
 def detection_figures(
@@ -383,6 +398,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             "tuning": tuning,
             "poison": {
                 "train_poisoned": int(data.train.poison.sum()),
+                **({"train_cover": int(data.cover.sum())} if data.cover is not None else {}),
                 "train_size": len(data.train),
                 "backdoor_test_size": len(data.backdoor_test),
             },

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from torch import Tensor
+
 from bdrun.data.base import DataInfo, ImageSet
 
 
@@ -22,6 +24,8 @@ class RunData:
     test: the clean test set (CCA).
     backdoor_test: test inputs whose backdoor label differs from their true label, with the
         trigger applied; `y` = backdoor label (ASR), `orig_y` = true label (RA).
+    cover: bool mask over `train` of the attack's cover samples (trigger, true label; see
+        bdrun.attacks.base.Attack.cover), or None; ground truth for scoring, like `poison`.
     """
 
     info: DataInfo
@@ -29,3 +33,4 @@ class RunData:
     holdout: ImageSet
     test: ImageSet
     backdoor_test: ImageSet
+    cover: Tensor | None = None

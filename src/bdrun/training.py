@@ -31,7 +31,7 @@ from bdrun.errors import BdrunError
 from bdrun.progress import enabled as progress_enabled
 from bdrun.validate import coerce
 
-OPTIMIZERS = ("sgd", "adam", "adamw")
+OPTIMIZERS = ("sgd", "adam", "adamw", "radam")
 SCHEDULERS = ("cosine", "step", "none")
 LOOPS = ("auto", "plain", "lightning")
 PLAIN_PRECISIONS = ("32-true", "32", 32)
@@ -281,6 +281,8 @@ def optimizer_and_scheduler(
         )
     elif s.optimizer == "adam":
         opt = torch.optim.Adam(params, lr=s.lr, weight_decay=s.weight_decay)
+    elif s.optimizer == "radam":  # Narcissus' warm-up (the authors' RAdam)
+        opt = torch.optim.RAdam(params, lr=s.lr, weight_decay=s.weight_decay)
     else:
         opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
     epochs = max(s.epochs, 1)

@@ -25,6 +25,14 @@ if TYPE_CHECKING:
 LABEL_MODES = ("all2one", "all2all")
 
 
+def draw_mask(candidates: Tensor, count: int, size: int, g: torch.Generator) -> Tensor:
+    """Bool mask over `size` samples with `count` of the `candidates` (indices) drawn with g."""
+    chosen = candidates[torch.randperm(len(candidates), generator=g)[:count]]
+    mask = torch.zeros(size, dtype=torch.bool)
+    mask[chosen] = True
+    return mask
+
+
 class Attack:
     """Base class. A data-time attack implements `apply_trigger` (batched, pure) and nothing else.
 
@@ -46,6 +54,12 @@ class Attack:
     #: True where the attack poisons only target-class samples and keeps every label (SIG,
     #: Turner et al.'s label-consistent attack)
     clean_label = False
+    #: after `poison`: bool mask over the training set of the samples that carry (part of) a
+    #: trigger yet keep their true label (Qi et al.'s regularisation, or "cover", samples); None
+    #: where the attack makes none. They are not poisoned: the poison mask, the poison rate and
+    #: a filter's precision and recall count them as clean samples (the authors' accounting);
+    #: the runner reports how many a filter removed (`cover_removed`).
+    cover: Tensor | None = None
 
     def __init__(self, target: int, poison_rate: float, label_mode: str) -> None:
         self.target = int(target)
@@ -99,20 +113,21 @@ class Attack:
             return y == self.target
         return self.backdoor_label(y) != y
 
+    def poison_count(self, n: int) -> int:
+        """How many of n training samples `select` poisons: round(poison_rate * n)."""
+        return round(self.poison_rate * n)
+
     def select(self, y: Tensor, g: torch.Generator) -> Tensor:
-        """Bool mask of exactly round(poison_rate * len(y)) eligible samples, drawn with g."""
+        """Bool mask of exactly poison_count(len(y)) eligible samples, drawn with g."""
         candidates = self.eligible(y).nonzero().flatten()
-        count = round(self.poison_rate * len(y))
+        count = self.poison_count(len(y))
         if count > len(candidates):
             kind = "target-class" if self.clean_label else "eligible"
             raise BdrunError(
                 f"attack.poison_rate={self.poison_rate} needs {count} {kind} training samples "
                 f"but only {len(candidates)} exist; lower the rate"
             )
-        chosen = candidates[torch.randperm(len(candidates), generator=g)[:count]]
-        mask = torch.zeros(len(y), dtype=torch.bool)
-        mask[chosen] = True
-        return mask
+        return draw_mask(candidates, count, len(y), g)
 
     # -- triggers ------------------------------------------------------------------------------
     def apply_trigger(self, x: Tensor) -> Tensor:

@@ -14,6 +14,19 @@ from bdrun.rng import generator
 PATTERNS = ("noise", "image")
 
 
+def key_pattern(pattern: str, image: str | None, info: DataInfo, seed: int) -> Tensor:
+    """The blend key [C, H, W]: uniform noise drawn from the run seed ('noise') or the file at
+    `image` resized to the data's size ('image')."""
+    channels, height, width = info.shape
+    if pattern == "noise":
+        return torch.rand(info.shape, generator=generator(seed, "blend-pattern"))
+    if pattern == "image":
+        if not image:
+            raise BdrunError("attack.pattern=image needs attack.image=PATH")
+        return load_image(image, channels, (height, width))[0]
+    raise BdrunError(f"attack.pattern={pattern!r} must be one of {', '.join(PATTERNS)}")
+
+
 class Blend(Attack):
     """x' = (1 - alpha) x + alpha k for a key pattern k covering the whole image, dirty-label.
 
@@ -50,17 +63,7 @@ class Blend(Attack):
         for label, alpha in (("train_alpha", self.train_alpha), ("test_alpha", self.test_alpha)):
             if not 0 < alpha <= 1:
                 raise BdrunError(f"attack.{label}={alpha} must be in (0, 1]")
-        channels, height, width = info.shape
-        if self.pattern == "noise":
-            self._key = torch.rand(info.shape, generator=generator(seed, "blend-pattern"))
-        elif self.pattern == "image":
-            if not self.image:
-                raise BdrunError("attack.pattern=image needs attack.image=PATH")
-            self._key, _ = load_image(self.image, channels, (height, width))
-        else:
-            raise BdrunError(
-                f"attack.pattern={self.pattern!r} must be one of {', '.join(PATTERNS)}"
-            )
+        self._key = key_pattern(self.pattern, self.image, info, seed)
 
     def apply_trigger(self, x: Tensor) -> Tensor:
         return blend(x, self._key, self.test_alpha)
