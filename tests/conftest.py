@@ -151,8 +151,11 @@ def attack_overrides(attack: str, folder: Path, *overrides: str) -> list[str]:
 
     attack=pretrained gets generated files under `folder`: the configured model's seeded, untrained
     weights (safetensors) and a poisoned h5 file (CSAW layout, 0..255 values) of test images with
-    a white 3x3 corner patch, labelled 0.
+    a white 3x3 corner patch, labelled 0. attack=lf searches its trigger for at most two
+    passes (as debug=smoke lets it), which keeps a contract run at seconds.
     """
+    if attack == "lf":
+        return ["attack.passes=2"]
     if attack != "pretrained":
         return []
     import h5py
