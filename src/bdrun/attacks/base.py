@@ -46,6 +46,9 @@ class Attack:
     #: True where the attack poisons only target-class samples and keeps every label (SIG,
     #: Turner et al.'s label-consistent attack)
     clean_label = False
+    #: False where no training row is poisoned at all and poison_rate is 0 by construction
+    #: (blind: the attack is in the loss computation, a training hook)
+    poisons_data = True
 
     def __init__(self, target: int, poison_rate: float, label_mode: str) -> None:
         self.target = int(target)
@@ -57,7 +60,7 @@ class Attack:
     def setup(self, info: DataInfo, seed: int) -> None:
         """Check the parameters against the data and build any trigger tensors for its shape."""
         self.info = info
-        if not 0 < self.poison_rate <= 1:
+        if self.poisons_data and not 0 < self.poison_rate <= 1:
             raise BdrunError(f"attack.poison_rate={self.poison_rate} must be in (0, 1]")
         if self.label_mode not in LABEL_MODES:
             raise BdrunError(
