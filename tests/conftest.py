@@ -151,11 +151,12 @@ def attack_overrides(attack: str, folder: Path, *overrides: str) -> list[str]:
 
     attack=pretrained gets generated files under `folder`: the configured model's seeded, untrained
     weights (safetensors) and a poisoned h5 file (CSAW layout, 0..255 values) of test images with
-    a white 3x3 corner patch, labelled 0. attack=lf searches its trigger for at most two
-    passes (as debug=smoke lets it), which keeps a contract run at seconds.
+    a white 3x3 corner patch, labelled 0. attack=lf searches its trigger on 20 images for one
+    pass of DeepFool runs of at most 20 steps (a weak surrogate of random images lets DeepFool
+    run its 200 steps on many), which keeps a run at seconds.
     """
     if attack == "lf":
-        return ["attack.passes=2"]
+        return ["attack.passes=1", "attack.samples=20", "attack.deepfool_steps=20"]
     if attack != "pretrained":
         return []
     import h5py

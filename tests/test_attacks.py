@@ -8,7 +8,7 @@ import torch
 from bdrun.data.base import to_float
 from bdrun.errors import BdrunError
 
-from conftest import conf_options, poison_only
+from conftest import attack_overrides, conf_options, poison_only
 
 ATTACKS = conf_options("attack")
 FAST = (
@@ -27,8 +27,9 @@ def prepared(tmp_path, *overrides):
 # computation) poison no training sample
 @pytest.mark.parametrize("name", [a for a in ATTACKS if a not in ("none", "pretrained", "blind")])
 def test_attack_selection_changes_with_the_seed(name, tmp_path):
-    a = prepared(tmp_path, f"attack={name}", "seed=0").poisoned.poison
-    b = prepared(tmp_path, f"attack={name}", "seed=1").poisoned.poison
+    extra = attack_overrides(name, tmp_path, *FAST)
+    a = prepared(tmp_path, f"attack={name}", "seed=0", *extra).poisoned.poison
+    b = prepared(tmp_path, f"attack={name}", "seed=1", *extra).poisoned.poison
     assert not torch.equal(a, b)
 
 
