@@ -2,9 +2,11 @@
 
 .venv/bin/python benchmarks/attack_triggers.py [--n 10000] [--shape 1 28 28] [--threads 1]
 
-Data-time triggers (blend, SIG, the label-consistent corner, the WaNet warp) run once over the
-in-memory tensor; the input-aware generator and the label-consistent PGD (per step, on a small
-CNN) are the costly ones and are timed per image too.
+Data-time triggers (blend, SIG, the label-consistent corner, the WaNet warp, BppAttack's
+squeezing with and without dithering, FTrojan's pattern, the low-frequency trigger, the blind
+backdoor's pattern) run once over the in-memory tensor; the input-aware generator, the
+label-consistent PGD and the low-frequency attack's DeepFool (per step, on a small CNN) are the
+costly ones and are timed per image too.
 """
 
 from __future__ import annotations
@@ -15,11 +17,15 @@ from collections.abc import Callable
 
 import torch
 
+from bdrun.attacks.bpp import floyd_steinberg, squeeze
 from bdrun.attacks.clean_label import corner_trigger, pgd
 from bdrun.attacks.generators import TriggerNet
 from bdrun.attacks.input_aware import stamp_generated
+from bdrun.attacks.lf import targeted_deepfool
 from bdrun.attacks.triggers import blend, identity_grid, sinusoid, warp
 from bdrun.attacks.wanet import warping_field
+from bdrun.config import component
+from bdrun.data.base import DataInfo
 from bdrun.models.small_cnn import SmallCNN
 
 
@@ -50,6 +56,11 @@ def main() -> None:
     patterns, masks = TriggerNet(shape).eval(), TriggerNet(shape, 1).eval()
     model = SmallCNN(shape, 10).eval()
     y = torch.randint(10, (512,), generator=g)
+    info = DataInfo("bench", shape, 10)
+    ftrojan, blind = component("attack", "ftrojan"), component("attack", "blind")
+    ftrojan.setup(info, 0)
+    blind.setup(info, 0)
+    smooth = key * 0.2  # the low-frequency trigger is an additive pattern like this one
 
     with torch.no_grad():
         figures = {
@@ -57,12 +68,20 @@ def main() -> None:
             "sig": rate(lambda: (x + wave).clamp_(0, 1), n),
             "clean_label trigger": rate(lambda: torch.where(signs != 0, (signs + 1) / 2, x), n),
             "wanet warp": rate(lambda: warp(x, grid), n),
+            "bpp squeeze": rate(lambda: squeeze(x, 8), n),
+            "bpp squeeze + dithering": rate(lambda: floyd_steinberg(x, 8), n),
+            "ftrojan": rate(lambda: ftrojan.apply_trigger(x), n),
+            "lf trigger": rate(lambda: (x + smooth).clamp_(0, 1), n),
+            "blind pattern": rate(lambda: blind.apply_trigger(x), n),
             "input_aware generator": rate(
                 lambda: [stamp_generated(b, b, patterns, masks) for b in x.split(1024)], n, 1
             ),
         }
     figures["clean_label PGD (per step)"] = 20 * rate(
         lambda: pgd(model, x[:512], y, 300 / 255, 20, 2.5 * (300 / 255) / 20, "l2"), 512, 1
+    )
+    figures["lf DeepFool (per step)"] = rate(
+        lambda: [targeted_deepfool(model, image, 0, 0.02, 1) for image in x[:64]], 64, 1
     )
     print(f"{n} images of shape {list(shape)}, {args.threads} thread(s):")
     for name, per_second in figures.items():
