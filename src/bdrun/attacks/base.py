@@ -30,7 +30,8 @@ class Attack:
 
     Parameters:
         target: the backdoor label for all-to-one attacks.
-        poison_rate: fraction of *all* training samples that get poisoned, in (0, 1].
+        poison_rate: fraction of *all* training samples that get poisoned, in (0, 1] (0 where
+            `poisons_data` is False).
         label_mode: "all2one" (every triggered input -> target) or "all2all" (y -> (y+1) mod C).
     Values come from the attack's YAML (conf/attack/); an attack for which one of them is no
     setting (a clean-label attack is all-to-one) passes it itself.
