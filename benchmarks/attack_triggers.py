@@ -4,10 +4,11 @@
 
 Data-time triggers (blend, SIG, the label-consistent corner, the WaNet warp, Refool's
 reflections, the adaptive attacks' test and training triggers, Narcissus' magnified
-perturbation) run once over the in-memory tensor; the input-aware generator and the
-label-consistent PGD (per step, on a small CNN) are the costly ones and are timed per image too.
-Narcissus' trigger optimisation (per pass over a 350-image target batch) is timed on the small
-CNN as well.
+perturbation, BppAttack's squeezing with and without dithering, FTrojan's pattern, the
+low-frequency trigger, the blind backdoor's pattern) run once over the in-memory tensor; the
+input-aware generator, the label-consistent PGD and the low-frequency attack's DeepFool (per
+step, on a small CNN) are the costly ones and are timed per image too. Narcissus' trigger
+optimisation (per pass over a 350-image target batch) is timed on the small CNN as well.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ from collections.abc import Callable
 
 import torch
 
+from bdrun.attacks.bpp import floyd_steinberg, squeeze
 from bdrun.attacks.clean_label import corner_trigger, pgd
 from bdrun.attacks.generators import TriggerNet
 from bdrun.attacks.input_aware import stamp_generated
+from bdrun.attacks.lf import targeted_deepfool
 from bdrun.attacks.narcissus import optimise_trigger
 from bdrun.attacks.triggers import blend, identity_grid, sinusoid, warp
 from bdrun.attacks.wanet import warping_field
@@ -62,6 +65,10 @@ def main() -> None:
         attacks[name] = component("attack", name)
         attacks[name].setup(info, 0)
     narcissus_trigger = 16 / 255 * (2 * torch.rand(shape, generator=g) - 1)
+    ftrojan, blind = component("attack", "ftrojan"), component("attack", "blind")
+    ftrojan.setup(info, 0)
+    blind.setup(info, 0)
+    smooth = key * 0.2  # the low-frequency trigger is an additive pattern like this one
 
     with torch.no_grad():
         figures = {
@@ -69,6 +76,11 @@ def main() -> None:
             "sig": rate(lambda: (x + wave).clamp_(0, 1), n),
             "clean_label trigger": rate(lambda: torch.where(signs != 0, (signs + 1) / 2, x), n),
             "wanet warp": rate(lambda: warp(x, grid), n),
+            "bpp squeeze": rate(lambda: squeeze(x, 8), n),
+            "bpp squeeze + dithering": rate(lambda: floyd_steinberg(x, 8), n),
+            "ftrojan": rate(lambda: ftrojan.apply_trigger(x), n),
+            "lf trigger": rate(lambda: (x + smooth).clamp_(0, 1), n),
+            "blind pattern": rate(lambda: blind.apply_trigger(x), n),
             "input_aware generator": rate(
                 lambda: [stamp_generated(b, b, patterns, masks) for b in x.split(1024)], n, 1
             ),
@@ -88,6 +100,9 @@ def main() -> None:
     )  # best of two: the first optimizer step imports more of torch
     figures["clean_label PGD (per step)"] = 20 * rate(
         lambda: pgd(model, x[:512], y, 300 / 255, 20, 2.5 * (300 / 255) / 20, "l2"), 512, 1
+    )
+    figures["lf DeepFool (per step)"] = rate(
+        lambda: [targeted_deepfool(model, image, 0, 0.02, 1) for image in x[:64]], 64, 1
     )
     print(f"{n} images of shape {list(shape)}, {args.threads} thread(s):")
     for name, per_second in figures.items():

@@ -159,10 +159,14 @@ def attack_overrides(attack: str, folder: Path, *overrides: str) -> list[str]:
     weights (safetensors) and a poisoned h5 file (CSAW layout, 0..255 values) of test images with
     a white 3x3 corner patch, labelled 0. attack=narcissus gets a short trigger optimisation,
     warm-up and surrogate (the authors' 1,000 passes, 5 epochs and train.epochs change nothing
-    a test checks, and cost minutes on a loaded CPU).
+    a test checks, and cost minutes on a loaded CPU). attack=lf searches its trigger on 20 images
+    for one pass of DeepFool runs of at most 20 steps (a weak surrogate of random images lets
+    DeepFool run its 200 steps on many), which keeps a run at seconds.
     """
     if attack == "narcissus":
         return ["attack.trigger_steps=20", "attack.warmup_epochs=1", "attack.surrogate_epochs=2"]
+    if attack == "lf":
+        return ["attack.passes=1", "attack.samples=20", "attack.deepfool_steps=20"]
     if attack != "pretrained":
         return []
     import h5py

@@ -23,8 +23,9 @@ def prepared(tmp_path, *overrides):
     return poison_only(tmp_path, *FAST, *overrides)
 
 
-# the clean baseline and pretrained (a model poisoned elsewhere) poison no training sample
-@pytest.mark.parametrize("name", [a for a in ATTACKS if a not in ("none", "pretrained")])
+# the clean baseline, pretrained (a model poisoned elsewhere) and blind (a poisoned loss
+# computation) poison no training sample
+@pytest.mark.parametrize("name", [a for a in ATTACKS if a not in ("none", "pretrained", "blind")])
 def test_attack_selection_changes_with_the_seed(name, tmp_path):
     extra = attack_overrides(name, tmp_path, *FAST)
     a = prepared(tmp_path, f"attack={name}", "seed=0", *extra).poisoned.poison

@@ -64,13 +64,15 @@ def test_badnets_trains_to_the_same_weights_in_both_loops(tmp_path):
     [
         ("attack=wanet",),  # rewrites batches with its own generator
         ("attack=input_aware",),  # trains its generator along, steps it after backward
+        ("attack=blind",),  # its loss takes gradients of two losses inside the step (MGDA)
+        ("attack=bpp",),  # negative samples from residuals squeezed at the training's start
         ("defense=abl",),  # replaces the loss, stops early, unlearns
         ("defense=nad",),  # distils from a teacher through forward hooks
         ("defense=finetune", "train.optimizer=adam", "train.scheduler=step"),
         ("defense=ft_sam", "model=small_cnn_bn"),  # a second pass after backward
         ("defense=fst", "model=small_cnn_bn"),  # a projection after the optimizer step
     ],
-    ids=["wanet", "input_aware", "abl", "nad", "adam-step", "ft_sam", "fst"],
+    ids=["wanet", "input_aware", "blind", "bpp", "abl", "nad", "adam-step", "ft_sam", "fst"],
 )
 def test_hooks_and_optimisers_train_to_the_same_weights_in_both_loops(tmp_path, overrides):
     assert_same_training(tmp_path, *overrides)

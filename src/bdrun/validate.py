@@ -61,24 +61,33 @@ def check_sgd(batch_size: Any, momentum: Any, weight_decay: Any) -> tuple[int, f
     return batch_size, momentum, weight_decay
 
 
-def at_least(value: Any, kind: str, key: str, minimum: float, example: Any) -> Any:
-    """A defense setting `key` as an int or float that is >= minimum, else a one-line error."""
-    number = coerce(value, kind, f"defense.{key}")
+def at_least(
+    value: Any, kind: str, key: str, minimum: float, example: Any, group: str = "defense"
+) -> Any:
+    """A setting `group.key` as an int or float that is >= minimum, else a one-line error."""
+    number = coerce(value, kind, f"{group}.{key}")
     if number < minimum:
-        raise BdrunError(f"defense.{key}={number} must be >= {minimum:g}, e.g. {example}")
+        raise BdrunError(f"{group}.{key}={number} must be >= {minimum:g}, e.g. {example}")
     return number
 
 
-def positive(value: Any, key: str, example: Any) -> float:
-    """A defense setting `key` as a float > 0, else a one-line error."""
-    number = coerce(value, "float", f"defense.{key}")
+def positive(value: Any, key: str, example: Any, group: str = "defense") -> float:
+    """A setting `group.key` as a float > 0, else a one-line error."""
+    number = coerce(value, "float", f"{group}.{key}")
     if number <= 0:
-        raise BdrunError(f"defense.{key}={number} must be > 0, e.g. {example}")
+        raise BdrunError(f"{group}.{key}={number} must be > 0, e.g. {example}")
     return number
 
 
-def one_of(value: Any, key: str, choices: tuple[str, ...]) -> str:
-    """A defense setting `key` if it is one of `choices`, else a one-line error listing them."""
+def one_of(value: Any, key: str, choices: tuple[str, ...], group: str = "defense") -> str:
+    """A setting `group.key` if it is one of `choices`, else a one-line error listing them."""
     if value not in choices:
-        raise BdrunError(f"defense.{key}={value!r} must be one of {', '.join(choices)}")
+        raise BdrunError(f"{group}.{key}={value!r} must be one of {', '.join(choices)}")
     return str(value)
+
+
+def flag(value: Any, key: str, group: str = "defense") -> bool:
+    """A setting `group.key` that must be true or false, else a one-line error."""
+    if not isinstance(value, bool):
+        raise BdrunError(f"{group}.{key}={value!r} must be true or false")
+    return value

@@ -38,7 +38,8 @@ class Attack:
 
     Parameters:
         target: the backdoor label for all-to-one attacks.
-        poison_rate: fraction of *all* training samples that get poisoned, in (0, 1].
+        poison_rate: fraction of *all* training samples that get poisoned, in (0, 1] (0 where
+            `poisons_data` is False).
         label_mode: "all2one" (every triggered input -> target) or "all2all" (y -> (y+1) mod C).
     Values come from the attack's YAML (conf/attack/); an attack for which one of them is no
     setting (a clean-label attack is all-to-one) passes it itself.
@@ -60,6 +61,9 @@ class Attack:
     #: a filter's precision and recall count them as clean samples (the authors' accounting);
     #: the runner reports how many a filter removed (`cover_removed`).
     cover: Tensor | None = None
+    #: False where no training row is poisoned at all and poison_rate is 0 by construction
+    #: (blind: the attack is in the loss computation, a training hook)
+    poisons_data = True
 
     def __init__(self, target: int, poison_rate: float, label_mode: str) -> None:
         self.target = int(target)
@@ -71,7 +75,7 @@ class Attack:
     def setup(self, info: DataInfo, seed: int) -> None:
         """Check the parameters against the data and build any trigger tensors for its shape."""
         self.info = info
-        if not 0 < self.poison_rate <= 1:
+        if self.poisons_data and not 0 < self.poison_rate <= 1:
             raise BdrunError(f"attack.poison_rate={self.poison_rate} must be in (0, 1]")
         if self.label_mode not in LABEL_MODES:
             raise BdrunError(
