@@ -19,6 +19,7 @@ from bdrun import population
 from bdrun.errors import BdrunError
 from bdrun.models.small_cnn import SmallCNN
 from bdrun.report.frame import flatten, load_runs
+
 from conftest import compose_config
 
 
@@ -123,8 +124,9 @@ def test_a_small_population_is_built_scored_and_rerun_without_work(tmp_path):
     assert files[0].stat().st_size == files[1].stat().st_size
     with safe_open(files[0], "pt") as a, safe_open(files[1], "pt") as b:
         assert a.metadata() == b.metadata() is None
-        assert list(a.keys()) == list(b.keys())
-        assert any(not torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
+        names = list(a.keys())
+        assert names == list(b.keys())
+        assert any(not torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in names)
     truth = (folder / "ground_truth.csv").read_text().splitlines()
     assert truth[0] == "model_id,backdoored,family,target" and len(truth) == 3
     scores = json.loads((folder / "population.json").read_text())
