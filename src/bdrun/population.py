@@ -79,13 +79,22 @@ def _count(node: Mapping[str, Any], key: str, minimum: int) -> int:
     return value
 
 
+def active_families(node: Mapping[str, Any]) -> dict[str, Any]:
+    """The population's families; one set to null (a population that includes another and
+    leaves one of its families out) is left out."""
+    families = node.get("families")
+    if not isinstance(families, Mapping):
+        return {}
+    return {name: family for name, family in families.items() if family is not None}
+
+
 def check_population(node: Mapping[str, Any]) -> None:
     """A one-line BdrunError for a population config that cannot be drawn from."""
     _count(node, "clean", 1)
     _count(node, "backdoored", 1)
     _count(node, "seed", 0)
-    families = node.get("families")
-    if not isinstance(families, Mapping) or not families:
+    families = active_families(node)
+    if not families:
         raise BdrunError("population.families is empty; name at least one attack family")
     attacks = _options("attack")
     for name, family in families.items():
@@ -147,7 +156,7 @@ def plan(node: Mapping[str, Any]) -> list[Member]:
     is_backdoored[labels[:backdoored]] = True
     ids = torch.randperm(size, generator=generator(seed, "population-ids"))
     width = max(4, len(str(size - 1)))
-    families = sorted(node["families"])
+    families = sorted(active_families(node))
     # families cycle over the backdoored members in a drawn order: counts differ by one at most
     order = torch.randperm(len(families), generator=generator(seed, "population-families"))
     family_of = {
@@ -161,7 +170,7 @@ def plan(node: Mapping[str, Any]) -> list[Member]:
             members.append(Member(i, model_id, False, "clean", "none", {}, member_seed))
             continue
         family = family_of[i]
-        spec = node["families"][family]
+        spec = active_families(node)[family]
         g = generator(seed, f"population-draw-{i}")
         values = {key: draw_value(s, g) for key, s in sorted((spec.get("draw") or {}).items())}
         members.append(Member(i, model_id, True, family, spec["attack"], values, member_seed))
