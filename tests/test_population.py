@@ -18,7 +18,8 @@ from safetensors import safe_open
 from bdrun import population
 from bdrun.errors import BdrunError
 from bdrun.models.small_cnn import SmallCNN
-from bdrun.report.frame import flatten, load_runs
+from bdrun.report import load_runs
+from bdrun.report.frame import flatten
 
 from conftest import compose_config
 
