@@ -23,7 +23,7 @@ from bdrun.errors import BdrunError
 
 def sweep_arguments(name: str, overrides: list[str]) -> list[str]:
     """The `bdrun -m` arguments of the population sweep (module docstring)."""
-    from bdrun.compose import compose_config
+    from bdrun.cli import check_overrides
     from bdrun.population import member_count
 
     for override in overrides:
@@ -33,7 +33,7 @@ def sweep_arguments(name: str, overrides: list[str]) -> list[str]:
                 f"{override!r}: bdrun-population sets the population, its members and the "
                 "inspectors itself; change population.inspectors or the population's counts"
             )
-    cfg = compose_config([f"population={name}", *overrides])
+    cfg = check_overrides([f"population={name}", *overrides])  # one line for a bad name or key
     size = member_count(cfg.population)
     inspectors = ",".join(str(i) for i in cfg.population.inspectors)
     return [
