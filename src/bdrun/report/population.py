@@ -33,6 +33,7 @@ from typing import Any
 from bdrun.errors import BdrunError
 from bdrun.fs import atomic_file
 from bdrun.report import detection_scores as ds
+from bdrun.report.collect import WANDB_POPULATION_DIR
 from bdrun.report.frame import load_runs
 from bdrun.results import write_json_atomic
 from bdrun.rng import derive_seed
@@ -45,7 +46,7 @@ SCORES_JSON = "population.json"
 MODELS_CSV = "population_models.csv"
 GROUND_TRUTH_CSV = "ground_truth.csv"
 ROC_PNG = "population_roc.png"
-WANDB_DIR = "wandb_population"
+WANDB_DIR = WANDB_POPULATION_DIR
 ALL = "all"
 COLUMNS = {
     "model_id": "config.population.assigned.model_id",
