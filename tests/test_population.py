@@ -56,6 +56,7 @@ def test_a_member_job_gets_its_attack_draws_seed_and_the_tuning_files():
     assert cfg.attack.name == "sig" and cfg.seed == sig.seed
     assert cfg.attack.frequency == sig.values["frequency"]
     assert cfg.attack.target == 9  # conf/tuning/attack_dataset/sig_digits.yaml
+    assert cfg.population.assigned.target == 9  # the target scored is the one trained with
     assert cfg.defense.mitigation == "none"  # population.inspector_settings
     assert cfg.population.assigned.model_id == sig.model_id
     clean = next(m for m in population.plan(node) if not m.backdoored)

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -244,6 +244,9 @@ def apply_member(cfg: DictConfig, choices: Mapping[str, Any], overrides: Sequenc
     drawn = [f"attack.{key}={value}" for key, value in member.values.items()]
     drawn += [f"defense.{key}=population" for key in settings]  # keys only: tuning keeps off
     apply_tuning(cfg, {**choices, "attack": member.attack}, [*overrides, *drawn])
+    if member.backdoored and cfg.attack.get("label_mode", "all2one") == "all2one":
+        with open_dict(cfg):  # the target the run trains with: drawn, or from a tuning file
+            cfg[KEY].assigned.target = cfg.attack.get("target")
     return member
 
 
@@ -294,14 +297,6 @@ def finished(run_dir: Path, cfg: DictConfig, root: Path, member: Member) -> dict
         return None
     current = json.loads(json.dumps(OmegaConf.to_container(cfg, resolve=True), default=str))
     return results if results.get("config") == current else None
-
-
-def member_table(node: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The plan as rows (ground truth for reports)."""
-    return [
-        {**asdict(m), "values": json.dumps(m.values, sort_keys=True), "target": m.target}
-        for m in plan(node)
-    ]
 
 
 def member_count(node: Mapping[str, Any]) -> int:
