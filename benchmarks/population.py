@@ -44,6 +44,9 @@ def main(argv: list[str]) -> int:
     print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f}")
     if done.returncode != 0:
         print(done.stderr[-3000:])
+    for line in done.stdout.splitlines():
+        if "population scores" in line or "population not scored" in line:
+            print(line)
     if not (folder / TABLE_MD).is_file():
         return 1
     frame = load_runs(folder)

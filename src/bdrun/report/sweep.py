@@ -112,6 +112,13 @@ def score_population_sweep(root: Path) -> None:
     except BdrunError as err:
         print(f"bdrun: population not scored: {err}")
         return
+    except Exception as err:  # Hydra would swallow it: say so, and how to score it later
+        log.exception("population scoring failed")
+        print(
+            f"bdrun: population not scored ({type(err).__name__}: {err}); score it with "
+            f"bdrun-population --score {root}"
+        )
+        return
     print(f"population scores: {root / TABLE_MD}")
 
 
