@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from bdrun import tuning
-from bdrun.compose import compose_with_hydra, rewrite_defense_stack
+from bdrun.compose import apply_job, compose_with_hydra, rewrite_defense_stack
 from bdrun.errors import BdrunError, TrainingInterrupted
 from bdrun.tuning import USER_GROUPS, apply_tuning
 
@@ -124,7 +124,7 @@ def check_overrides(args: list[str]) -> DictConfig:
                 f"unknown config key {key!r}; check its spelling (bdrun --cfg job shows every key) or add it with +{key}=..."
             ) from None
         raise BdrunError(message) from None
-    apply_tuning(composed, dict(composed.hydra.runtime.choices), reduced)
+    apply_job(composed, dict(composed.hydra.runtime.choices), reduced)
     return composed
 
 
@@ -181,6 +181,7 @@ def _discard(run_dir: Path) -> None:
 
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
 def _task(cfg: DictConfig) -> float | None:
+    from bdrun import population
     from bdrun.report.console import print_summary
     from bdrun.runner import run
 
@@ -189,8 +190,12 @@ def _task(cfg: DictConfig) -> float | None:
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     try:
         try:
-            apply_tuning(cfg, hydra_cfg.runtime.choices, list(hydra_cfg.overrides.task))
-            results = run(cfg, run_dir)
+            overrides = list(hydra_cfg.overrides.task)
+            if population.is_member(cfg):
+                results = _population_job(cfg, hydra_cfg, run_dir, overrides)
+            else:
+                apply_tuning(cfg, hydra_cfg.runtime.choices, overrides)
+                results = run(cfg, run_dir)
         except MissingMandatoryValue as err:
             raise BdrunError(
                 f"{err.full_key} has no value; set it, e.g. {err.full_key}=..."
@@ -211,6 +216,27 @@ def _task(cfg: DictConfig) -> float | None:
         return _job_failed(run_dir, err)
     print_summary(results, run_dir)
     return results["metrics"]["after"]["asr"]
+
+
+def _population_job(
+    cfg: DictConfig, hydra_cfg: DictConfig, run_dir: Path, overrides: list[str]
+) -> dict:
+    """One (member, inspector) job of a population (bdrun.population): the member's run, its
+    weights saved in the population folder; a job that finished before is not run again."""
+    from bdrun import population
+    from bdrun.runner import run
+
+    member = population.apply_member(cfg, hydra_cfg.runtime.choices, overrides)
+    root = Path(hydra_cfg.sweep.dir)
+    done = population.finished(run_dir, cfg, root, member)
+    if done is not None:
+        print(f"bdrun: {run_dir.name}: finished in an earlier run, not run again")
+        return done
+    return run(
+        cfg,
+        run_dir,
+        keep_model=lambda model: population.save_member_model(model, root, member, cfg.model),
+    )
 
 
 def _job_failed(run_dir: Path, err: Exception) -> None:

@@ -9,7 +9,8 @@ compose in hydra.main; bdrun.cli applies the tuning there with `apply_tuning`.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from omegaconf import DictConfig, open_dict
 
@@ -49,13 +50,25 @@ def compose_with_hydra(args: Sequence[str]) -> DictConfig:
         return compose("config", overrides=list(args), return_hydra_config=True)
 
 
+def apply_job(cfg: DictConfig, choices: Mapping[str, Any], args: Sequence[str]) -> None:
+    """The tuning files (bdrun.tuning), in place; for one job of a population
+    (`population.member=i`) the member's attack, draws and seed first (bdrun.population)."""
+    from bdrun import population
+
+    if population.is_member(cfg):
+        population.apply_member(cfg, choices, args)
+    else:
+        apply_tuning(cfg, choices, args)
+
+
 def job_config(composed: DictConfig, args: Sequence[str]) -> DictConfig:
-    """The run's config from Hydra's composition: `hydra` node removed, tuning files applied."""
+    """The run's config from Hydra's composition: `hydra` node removed, tuning files applied
+    (`apply_job`)."""
     choices = dict(composed.hydra.runtime.choices)
     cfg = copy.deepcopy(composed)  # a shallow copy would break relative interpolations
     with open_dict(cfg):
         del cfg["hydra"]
-    apply_tuning(cfg, choices, args)
+    apply_job(cfg, choices, args)
     return cfg
 
 

@@ -38,10 +38,10 @@ def component_name(node: Any, fallback: str) -> str:
     return str(name) if name else fallback
 
 
-def component_node(group: str, name: str) -> dict[str, Any]:
-    """What conf/<group>/<name>.yaml gives a component, `_target_` included: its includes of the
-    same group merged in (a variant such as badnets_pixel), interpolations resolved against an
-    empty run (`${oc.select:budget.x,D}` -> D)."""
+def component_config(group: str, name: str) -> DictConfig:
+    """conf/<group>/<name>.yaml as a config node, `_target_` included and its includes of the
+    same group merged in (a variant such as badnets_pixel), interpolations left as written
+    (`${oc.select:budget.x,D}` resolves against the run it joins)."""
     from bdrun.tuning import CONF_DIR
 
     path = CONF_DIR / group / f"{name}.yaml"
@@ -54,10 +54,15 @@ def component_node(group: str, name: str) -> dict[str, Any]:
         if entry == "_self_":
             own_first = False
             continue
-        merged = OmegaConf.merge(merged, component_node(group, str(entry)))
+        merged = OmegaConf.merge(merged, component_config(group, str(entry)))
     own = OmegaConf.masked_copy(loaded, [k for k in loaded if k != "defaults"])
-    merged = OmegaConf.merge(own, merged) if own_first else OmegaConf.merge(merged, own)
-    return OmegaConf.to_container(merged, resolve=True)
+    return OmegaConf.merge(own, merged) if own_first else OmegaConf.merge(merged, own)
+
+
+def component_node(group: str, name: str) -> dict[str, Any]:
+    """What conf/<group>/<name>.yaml gives a component (`component_config`), interpolations
+    resolved against an empty run (`${oc.select:budget.x,D}` -> D)."""
+    return OmegaConf.to_container(component_config(group, name), resolve=True)
 
 
 def component_values(group: str, name: str) -> dict[str, Any]:

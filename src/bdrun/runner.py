@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -355,13 +356,20 @@ def detection_figures(
     return detection
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Run one experiment and write results.json into run_dir; return the results."""
+def run(
+    cfg: DictConfig, run_dir: Path, keep_model: Callable[[nn.Module], None] | None = None
+) -> dict[str, Any]:
+    """Run one experiment and write results.json into run_dir; return the results.
+
+    `keep_model` is given the poisoned model once the attack stage has it (a population job
+    saves its weights there)."""
     with torch_threads(None):  # trainer.num_threads holds for this run only
-        return _run(cfg, run_dir)
+        return _run(cfg, run_dir, keep_model)
 
 
-def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+def _run(
+    cfg: DictConfig, run_dir: Path, keep_model: Callable[[nn.Module], None] | None = None
+) -> dict[str, Any]:
     started = time.perf_counter()
     tuning = applied_tuning(cfg)  # a config composed without bdrun's tuning step fails here
     run_dir = Path(run_dir)
@@ -371,6 +379,8 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     model_before = prepared.model
     failed = True
     try:
+        if keep_model is not None:
+            keep_model(model_before)
         before = ctx.evaluate(model_before)
         log.info("before defense: %s", before)
         defense_started = time.perf_counter()

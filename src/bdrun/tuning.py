@@ -34,7 +34,16 @@ TUNING_DIR = CONF_DIR / "tuning"
 STACK_KEY = "defense_stack"  # extra defenses of `defense=[a,b]` (see bdrun.cli)
 # groups whose files set keys above tuning (debug, experiment), and every group a user picks from
 LATER_GROUPS = ("debug", "experiment")
-USER_GROUPS = ("dataset", "model", "attack", "defense", "trainer", "logger", *LATER_GROUPS)
+USER_GROUPS = (
+    "dataset",
+    "model",
+    "attack",
+    "defense",
+    "trainer",
+    "logger",
+    *LATER_GROUPS,
+    "population",
+)
 
 
 def leaves(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:

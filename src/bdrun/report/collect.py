@@ -22,7 +22,15 @@ log = logging.getLogger(__name__)
 ERROR_FILE = "error.json"
 FIGURES_DIR = "figures"
 WANDB_SUMMARY_DIR = "wandb_summary"  # the sweep's own wandb run (tables, heatmaps)
-SKIPPED_FOLDERS = {"wandb", "train", FIGURES_DIR, WANDB_SUMMARY_DIR, "__pycache__"}
+WANDB_POPULATION_DIR = "wandb_population"  # a population's wandb run (bdrun.report.population)
+SKIPPED_FOLDERS = {
+    "wandb",
+    "train",
+    FIGURES_DIR,
+    WANDB_SUMMARY_DIR,
+    WANDB_POPULATION_DIR,
+    "__pycache__",
+}
 
 
 @dataclass

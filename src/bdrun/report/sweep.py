@@ -41,6 +41,7 @@ class SweepState:
     logger: dict[str, Any] | None = None
     slurm: bool = False
     summary: Summary | None = None
+    population: bool = False  # a population sweep: its scores are written at the end too
 
 
 STATE = SweepState()
@@ -76,6 +77,7 @@ class SweepSummary(Callback):
         STATE.logger = OmegaConf.to_container(logger, resolve=True) if logger else None
         target = str(config.hydra.launcher.get("_target_", ""))
         STATE.slurm = target.endswith("SlurmLauncher")
+        STATE.population = config.get("population") is not None
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         finish_sweep()
@@ -94,7 +96,30 @@ def finish_sweep() -> Summary | None:
 
         print_sweep(summary)
         log_to_wandb(summary)
+    if STATE.population and summary.done:
+        score_population_sweep(STATE.sweep_dir)
     return summary
+
+
+def score_population_sweep(root: Path) -> None:
+    """A population sweep's detection scores (bdrun.report.population); a failure to score is
+    reported, never a reason to lose the sweep's summary."""
+    from bdrun.errors import BdrunError
+    from bdrun.report.population import TABLE_MD, score_population
+
+    try:
+        score_population(root, STATE.logger)
+    except BdrunError as err:
+        print(f"bdrun: population not scored: {err}")
+        return
+    except Exception as err:  # Hydra would swallow it: say so, and how to score it later
+        log.exception("population scoring failed")
+        print(
+            f"bdrun: population not scored ({type(err).__name__}: {err}); score it with "
+            f"bdrun-population --score {root}"
+        )
+        return
+    print(f"population scores: {root / TABLE_MD}")
 
 
 def write_job_error(run_dir: Path, err: BaseException, overrides: list[str], job_num: Any) -> None:
