@@ -1,5 +1,5 @@
 """The field's current attacks on Fashion-MNIST with the small CNN at their defaults
-(docs/attacks/fashion_mnist.md, not yet run): BPP, FTrojan, LF, Blind, Refool, Adaptive-Blend,
+(docs/attacks/fashion_mnist.md, partly run): BPP, FTrojan, LF, Blind, Refool, Adaptive-Blend,
 Adaptive-Patch and Narcissus against the clean model, against the latent-separation defenses,
 and against the course's classic defenses.
 
