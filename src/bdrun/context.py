@@ -238,6 +238,20 @@ class RunContext:
             shutil.rmtree(checkpoints, ignore_errors=True)  # the entry is stored now
         return trained
 
+    def tensor_cached(
+        self, what: str, compute: Callable[[], Tensor], inputs: dict[str, Any]
+    ) -> tuple[Tensor, str]:
+        """A float32 tensor that an attack derives from models and data (an optimised trigger),
+        through the cache like a trained model, so every run of a sweep with the same attack
+        computes it once: (tensor on the CPU, "hit" | "miss" | "off"). `inputs` must hold all
+        that determines it (the model's weights, the images, the settings); the run's key parts
+        (seed, threads, model, version) join the key. JSON keeps float32 values exactly."""
+        key = content_key({**self.key_parts, "what": what, **inputs})
+        values, status = self.cache.get_or_compute(
+            key, lambda: compute().detach().cpu().float().tolist(), {"what": what}
+        )
+        return torch.tensor(values, dtype=torch.float32), status
+
     def track(
         self, iterable: Iterable[T], description: str, total: int | None = None
     ) -> Iterator[T]:

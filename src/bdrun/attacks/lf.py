@@ -159,13 +159,29 @@ class LowFrequency(Attack):
         rows = rows[: self.samples]
         x = to_float(clean_train.x[rows]).to(ctx.device)
         targets = self.backdoor_label(clean_train.y[rows])
-        surrogate = surrogate.to(ctx.device).eval()
-        try:
-            trigger, rate = self.search(surrogate, x, targets, ctx.generator("lf-order"))
-        finally:
-            surrogate.to("cpu")
-        self._trigger = trigger.cpu()
-        log.info("lf trigger: fooling rate %.3f on the surrogate's %d samples", rate, len(x))
+
+        def search() -> Tensor:
+            model = surrogate.to(ctx.device).eval()
+            try:
+                trigger, rate = self.search(model, x, targets, ctx.generator("lf-order"))
+            finally:
+                model.to("cpu")
+            log.info("lf trigger: fooling rate %.3f on the surrogate's %d samples", rate, len(x))
+            return trigger
+
+        # the DeepFool search runs once per surrogate, samples and settings; every defense of
+        # a sweep reuses it
+        self._trigger, _ = ctx.tensor_cached(
+            "lf trigger",
+            search,
+            {
+                "weights": surrogate.state_dict(),
+                "x": clean_train.x[rows],
+                "targets": targets,
+                "settings": [self.passes, self.fooling_rate, self.deepfool_steps,
+                             self.overshoot, self.patience, self.sigma, self.amplitude],
+            },
+        )  # fmt: skip
 
     def search(
         self, model: nn.Module, x: Tensor, targets: Tensor, g: torch.Generator
