@@ -48,6 +48,7 @@ from bdrun.defenses.base import Defense, Verdict, require_holdout
 from bdrun.defenses.trigger_reversal import from_tanh, to_tanh
 from bdrun.finite import DivergenceWatch
 from bdrun.metrics import on_device
+from bdrun.models.probes import frozen_weights
 from bdrun.validate import at_least, fraction, positive
 
 if TYPE_CHECKING:
@@ -230,32 +231,25 @@ class KArm(Defense):
         arms = pre_screen(logits, y_all, classes, self.gamma, self.global_theta, self.local_theta)
         g = ctx.generator("k-arm")
         states: list[ArmState] = []
-        trainable = [p for p in model.parameters() if p.requires_grad]
         total = len(arms) * self.warmup_rounds + (self.rounds if arms else 0)
         watch = DivergenceWatch(
             "K-Arm's trigger optimisation", self.lr, total, "round", "defense.lr"
         )
-        for p in trainable:
-            p.requires_grad_(False)
-        try:
-            with on_device(model, device):
-                images = [
-                    x_all[torch.isin(y_all, torch.tensor(arm.victims))].to(device) for arm in arms
-                ]
-                states = [self.new_arm(tuple(ctx.info.shape), g, device) for _ in arms]
-                schedule = [i for _ in range(self.warmup_rounds) for i in range(len(arms))]
-                for number in range(total):
-                    if number < len(schedule):
-                        chosen = schedule[number]
-                    elif float(torch.rand((), generator=g)) < self.epsilon:
-                        chosen = int(torch.randint(len(arms), (), generator=g))
-                    else:
-                        chosen = min(range(len(arms)), key=lambda i: states[i].best_l1)
-                    self.run_round(model, arms[chosen], states[chosen], images[chosen], g, watch)
-                    watch.check(number + 1, [states[chosen].mask_tanh])
-        finally:
-            for p in trainable:
-                p.requires_grad_(True)
+        with frozen_weights(model), on_device(model, device):
+            images = [
+                x_all[torch.isin(y_all, torch.tensor(arm.victims))].to(device) for arm in arms
+            ]
+            states = [self.new_arm(tuple(ctx.info.shape), g, device) for _ in arms]
+            schedule = [i for _ in range(self.warmup_rounds) for i in range(len(arms))]
+            for number in range(total):
+                if number < len(schedule):
+                    chosen = schedule[number]
+                elif float(torch.rand((), generator=g)) < self.epsilon:
+                    chosen = int(torch.randint(len(arms), (), generator=g))
+                else:
+                    chosen = min(range(len(arms)), key=lambda i: states[i].best_l1)
+                self.run_round(model, arms[chosen], states[chosen], images[chosen], g, watch)
+                watch.check(number + 1, [states[chosen].mask_tanh])
         pixels = ctx.info.shape[1] * ctx.info.shape[2]
         shares = [s.best_l1 / pixels for s in states]
         best = min(range(len(arms)), key=lambda i: shares[i]) if arms else None

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from bdrun.defenses.anomaly import CONSISTENCY
 from bdrun.defenses.base import Defense, Verdict
 from bdrun.finite import DivergenceWatch
+from bdrun.models.probes import frozen_weights
 from bdrun.validate import at_least, coerce, fraction, positive
 
 if TYPE_CHECKING:
@@ -76,10 +77,7 @@ def max_margins(
     used = torch.zeros(num_classes, dtype=torch.long)
     watch = DivergenceWatch("MM-BD's margin maximisation", lr, steps, "step", "defense.lr")
     model.eval().to(device)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    for p in trainable:
-        p.requires_grad_(False)
-    try:
+    with frozen_weights(model):
         for step in range(steps):
             optimizer.zero_grad()
             margin = margins(model(images.clamp(0, 1)), labels)
@@ -98,9 +96,6 @@ def max_margins(
         watch.check(int(used.max()), [])
         with torch.no_grad():
             final = margins(model(images.clamp(0, 1)), labels)
-    finally:
-        for p in trainable:
-            p.requires_grad_(True)
     return final.view(num_classes, images_per_class).amax(1).double().cpu(), used
 
 

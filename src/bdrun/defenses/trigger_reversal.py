@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from bdrun.data.base import to_float
 from bdrun.errors import BdrunError
 from bdrun.finite import DivergenceWatch
+from bdrun.models.probes import frozen_weights
 from bdrun.validate import coerce
 
 log = logging.getLogger(__name__)
@@ -325,18 +326,12 @@ def reverse_triggers(
     device = torch.device(device)
     started = time.perf_counter()
     model.eval().to(device)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    for p in trainable:  # only the trigger is optimised; skip weight gradients entirely
-        p.requires_grad_(False)
     results = []
-    try:
+    with frozen_weights(model):  # only the trigger is optimised
         per_pass = settings.labels_per_pass(device)
         for start in range(0, len(labels), per_pass):
             chunk = labels[start : start + per_pass]
             results.append(_reverse_labels(model, x, chunk, settings, g, device))
-    finally:
-        for p in trainable:
-            p.requires_grad_(True)
     masks, patterns, l1, success, steps = (torch.cat(parts) for parts in zip(*results, strict=True))
     return ReversedTriggers(
         labels.clone(), masks, patterns, l1, success, steps, time.perf_counter() - started

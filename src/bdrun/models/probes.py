@@ -4,7 +4,8 @@ that adversarial perturbations of its inputs are kept in."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -12,6 +13,21 @@ from torch import Tensor, nn
 from bdrun.data.base import to_float
 from bdrun.errors import BdrunError
 from bdrun.metrics import on_device
+
+
+@contextmanager
+def frozen_weights(model: nn.Module) -> Iterator[None]:
+    """Within the block the model's trainable parameters need no gradient (an input, a mask
+    or a trigger is what is optimised, so backward skips the weights' gradients); they are
+    trainable again afterwards, also after an error."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
 
 
 def get_module(model: nn.Module, name: str) -> nn.Module:
