@@ -140,9 +140,16 @@ def test_a_small_population_is_built_scored_and_rerun_without_work(tmp_path):
     again = bdrun_population(*args, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-2000:]
     assert again.stdout.count("finished in an earlier run, not run again") == 2
+    # an inspector added (and the scoring's resamples changed) runs the new inspector only
+    more = [a for a in args if not a.startswith(("population.inspectors", "population.bootstrap"))]
+    more += ["population.inspectors=[mm_bd,neuron_inspect]", "population.bootstrap=30"]
+    added = bdrun_population(*more, cwd=tmp_path)
+    assert added.returncode == 0, added.stderr[-2000:]
+    assert added.stdout.count("finished in an earlier run, not run again") == 2
+    assert "| neuron_inspect | all | 1 | 1 |" in (folder / "population.md").read_text()
     # the notebook table: one row per run, metrics flattened
     frame = load_runs(folder)
-    assert len(frame) == 2 and set(frame["status"]) == {"done"}
+    assert len(frame) == 4 and set(frame["status"]) == {"done"}
     assert frame["metrics.detection.score"].notna().all()
     assert set(frame["config.population.assigned.backdoored"]) == {True, False}
 

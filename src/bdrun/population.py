@@ -296,7 +296,24 @@ def finished(run_dir: Path, cfg: DictConfig, root: Path, member: Member) -> dict
     except (OSError, ValueError):
         return None
     current = json.loads(json.dumps(OmegaConf.to_container(cfg, resolve=True), default=str))
-    return results if results.get("config") == current else None
+    earlier = results.get("config")
+    if not isinstance(earlier, dict):
+        return None
+    return results if _job_config(earlier) == _job_config(current) else None
+
+
+# population keys that do not change what one job computes: the inspector list (the job's own
+# inspector is its `defense` node), the inspectors' settings (applied to that node) and the
+# scoring's bootstrap. Adding an inspector, or scoring with more resamples, reruns nothing else.
+SCORING_ONLY = ("inspectors", "inspector_settings", "bootstrap")
+
+
+def _job_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A job's config without the population keys that do not change its results."""
+    node = config.get(KEY)
+    if not isinstance(node, dict):
+        return config
+    return {**config, KEY: {k: v for k, v in node.items() if k not in SCORING_ONLY}}
 
 
 def member_count(node: Mapping[str, Any]) -> int:
