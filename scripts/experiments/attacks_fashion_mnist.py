@@ -20,7 +20,11 @@ Fashion-MNIST (Debian's dataset-fashion-mnist).
 
 from __future__ import annotations
 
+from typing import Any
+
 from measure import Sweep, measured_runs, metric, num, pct, pick, show
+
+from bdrun.report.collect import JobRecord
 
 NEW_ATTACKS = (
     "bpp", "ftrojan", "lf", "blind", "refool", "adaptive_blend", "adaptive_patch", "narcissus",
@@ -43,6 +47,20 @@ SWEEPS = [
 ]
 
 
+def undefended(runs: dict[str, list[JobRecord]], attack: str) -> tuple[dict[str, Any] | None, str]:
+    """An attack's results for the undefended row and where they come from: its `undefended`
+    job, else the first finished job of another sweep with that attack. Every sweep shares the
+    model cache, so that job's `before` figures score the same trained model, undefended."""
+    results = pick(runs["undefended"], attack=attack)
+    if results is not None:
+        return results, "undefended"
+    for sweep in ("separation", "classic"):
+        for record in runs[sweep]:
+            if record.results is not None and record.params.get("attack") == attack:
+                return record.results, f"{sweep} ({record.params.get('defense')})"
+    return None, "-"
+
+
 def main() -> None:
     runs = measured_runs(SWEEPS, __doc__, __file__)
     if runs is None:
@@ -51,7 +69,7 @@ def main() -> None:
     clean_cca = metric(clean, "before", "cca")
     rows = []
     for attack in NEW_ATTACKS:
-        results = pick(runs["undefended"], attack=attack)
+        results, source = undefended(runs, attack)
         cca, asr = metric(results, "before", "cca"), metric(results, "before", "asr")
         kind = "clean" if attack in CLEAN_LABEL else "dirty"
         drop = None if cca is None or clean_cca is None else clean_cca - cca
@@ -60,9 +78,11 @@ def main() -> None:
             if drop is None or asr is None
             else ("yes" if asr >= ASR_BAR[kind] and drop <= CCA_DROP_BAR else "no")
         )
-        seconds = num(results["timing"]["total_s"], 0) if results else "-"
-        rows.append([attack, kind, pct(cca), pct(drop), pct(asr), met, seconds])
-    header = ["attack", "labels", "CCA", "CCA drop (points)", "ASR", "at the bar", "run s"]
+        seconds = num(results["timing"]["total_s"], 0) if source == "undefended" else "-"
+        rows.append([attack, kind, pct(cca), pct(drop), pct(asr), met, seconds, source])
+    header = [
+        "attack", "labels", "CCA", "CCA drop (points)", "ASR", "at the bar", "run s", "from",
+    ]  # fmt: skip
     show(f"Undefended (clean model CCA {pct(clean_cca)} %)", header, rows)
 
     rows = []
