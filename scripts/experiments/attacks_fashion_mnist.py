@@ -61,6 +61,11 @@ def undefended(runs: dict[str, list[JobRecord]], attack: str) -> tuple[dict[str,
     return None, "-"
 
 
+def yes_no(flag: bool | None) -> str:
+    """A model-level verdict for a table ('-' where the defense gives none)."""
+    return "-" if flag is None else ("yes" if flag else "no")
+
+
 def main() -> None:
     runs = measured_runs(SWEEPS, __doc__, __file__)
     if runs is None:
@@ -113,7 +118,7 @@ def main() -> None:
                     pct(metric(results, "after", "cca")),
                     pct(metric(results, "after", "asr")),
                     num(metric(results, "detection", "auroc"), 3),
-                    metric(results, "detection", "model_flagged"),
+                    yes_no(metric(results, "detection", "model_flagged")),
                 ]
             )
     header = ["attack", "defense", "CCA after", "ASR after", "AUROC", "model flagged"]
