@@ -140,13 +140,19 @@ def main() -> None:
                 [
                     attack,
                     defense,
+                    pct(metric(results, "before", "cca")),
+                    pct(metric(results, "before", "asr")),
                     pct(metric(results, "after", "cca")),
                     pct(metric(results, "after", "asr")),
                     num(metric(results, "detection", "auroc"), 3),
                     yes_no(metric(results, "detection", "model_flagged")),
+                    num(results["timing"]["defense_s"], 0) if results else "-",
                 ]
             )
-    header = ["attack", "defense", "CCA after", "ASR after", "AUROC", "model flagged"]
+    header = [
+        "attack", "defense", "CCA before", "ASR before", "CCA after", "ASR after", "AUROC",
+        "model flagged", "defense s",
+    ]  # fmt: skip
     show("Against the classic defenses (%)", header, rows)
 
 
