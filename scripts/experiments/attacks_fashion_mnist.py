@@ -75,7 +75,7 @@ def undefended(runs: dict[str, list[JobRecord]], attack: str) -> tuple[dict[str,
 
 
 def yes_no(flag: bool | None) -> str:
-    """A model-level verdict for a table ('-' where the defense gives none)."""
+    """A verdict for a table ('-' where there is none)."""
     return "-" if flag is None else ("yes" if flag else "no")
 
 
@@ -91,10 +91,8 @@ def main() -> None:
         cca, asr = metric(results, "before", "cca"), metric(results, "before", "asr")
         kind = "clean" if attack in CLEAN_LABEL else "dirty"
         drop = None if cca is None or clean_cca is None else clean_cca - cca
-        met = (
-            "-"
-            if drop is None or asr is None
-            else ("yes" if asr >= ASR_BAR[kind] and drop <= CCA_DROP_BAR else "no")
+        met = yes_no(
+            None if drop is None or asr is None else asr >= ASR_BAR[kind] and drop <= CCA_DROP_BAR
         )
         seconds = num(results["timing"]["total_s"], 0) if source == "undefended" else "-"
         rows.append([attack, kind, pct(cca), pct(drop), pct(asr), met, seconds, source])
@@ -103,32 +101,26 @@ def main() -> None:
     ]  # fmt: skip
     show(f"Undefended (clean model CCA {pct(clean_cca)} %)", header, rows)
 
-    rows = []
-    for attack in ("badnets", *ADAPTIVE):
-        for defense in SEPARATION:
-            results = pick(runs["separation"], attack=attack, defense=defense)
-            rows.append(
-                [
-                    attack,
-                    defense,
-                    pct(metric(results, "detection", "precision")),
-                    pct(metric(results, "detection", "recall")),
-                    pct(metric(results, "before", "asr")),
-                    pct(metric(results, "after", "asr")),
-                ]
-            )
-    for attack in ("badnets", *ADAPTIVE):
-        results = pick(runs["separation_paper"], attack=attack)
-        rows.append(
-            [
-                attack,
-                "spectral (class mean, per class)",
-                pct(metric(results, "detection", "precision")),
-                pct(metric(results, "detection", "recall")),
-                pct(metric(results, "before", "asr")),
-                pct(metric(results, "after", "asr")),
-            ]
-        )
+    separation = [
+        (attack, defense, pick(runs["separation"], attack=attack, defense=defense))
+        for attack in ("badnets", *ADAPTIVE)
+        for defense in SEPARATION
+    ]
+    separation += [
+        (attack, "spectral (class mean, per class)", pick(runs["separation_paper"], attack=attack))
+        for attack in ("badnets", *ADAPTIVE)
+    ]
+    rows = [
+        [
+            attack,
+            defense,
+            pct(metric(results, "detection", "precision")),
+            pct(metric(results, "detection", "recall")),
+            pct(metric(results, "before", "asr")),
+            pct(metric(results, "after", "asr")),
+        ]
+        for attack, defense, results in separation
+    ]
     header = ["attack", "defense", "precision", "recall", "ASR before", "ASR after"]
     show("Isolation by latent separation (%)", header, rows)
 

@@ -19,6 +19,7 @@ from bdrun.data.base import DataInfo, ImageSet, to_float, to_storage
 from bdrun.errors import BdrunError
 from bdrun.finite import DivergenceWatch
 from bdrun.metrics import accuracy, on_device
+from bdrun.models.probes import frozen_weights
 from bdrun.validate import coerce
 
 if TYPE_CHECKING:
@@ -44,8 +45,6 @@ def optimise_trigger(
     authors' trigger generation stage). Runs where the model is."""
     device = next(model.parameters()).device
     model.eval()
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
     delta = torch.zeros(1, *x.shape[1:], device=device, requires_grad=True)
     optimizer = torch.optim.RAdam([delta], lr=lr)
     watch = DivergenceWatch(
@@ -53,17 +52,18 @@ def optimise_trigger(
     )
     x = x.to(device)
     labels = torch.full((len(x),), target, dtype=torch.long, device=device)
-    for step in range(steps):
-        order = torch.randperm(len(x), generator=g).to(device)
-        for start in range(0, len(x), batch_size):
-            rows = order[start : start + batch_size]
-            poisoned = (x[rows] + delta.clamp(-eps, eps)).clamp(0, 1)
-            loss = F.cross_entropy(model(poisoned), labels[rows])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            watch.observe(loss.detach())
-        watch.check(step + 1, [delta])
+    with frozen_weights(model):
+        for step in range(steps):
+            order = torch.randperm(len(x), generator=g).to(device)
+            for start in range(0, len(x), batch_size):
+                rows = order[start : start + batch_size]
+                poisoned = (x[rows] + delta.clamp(-eps, eps)).clamp(0, 1)
+                loss = F.cross_entropy(model(poisoned), labels[rows])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                watch.observe(loss.detach())
+            watch.check(step + 1, [delta])
     return delta.detach().clamp(-eps, eps)[0].cpu()
 
 

@@ -54,7 +54,7 @@ from bdrun.defenses.base import Defense, Verdict, require_holdout
 from bdrun.errors import BdrunError
 from bdrun.finite import DivergenceWatch
 from bdrun.metrics import on_device, predict
-from bdrun.models.probes import get_module, layer_outputs
+from bdrun.models.probes import frozen_weights, get_module, layer_outputs
 from bdrun.report.triggers import plot_reversed_triggers, save_triggers
 from bdrun.validate import coerce, fraction
 
@@ -232,11 +232,8 @@ def reverse_neuron_triggers(
         captured.append(inputs[0] if activation else out)
 
     handle = module.register_forward_hook(capture)
-    frozen = [p for p in model.parameters() if p.requires_grad]
-    for p in frozen:  # only the trigger is optimised
-        p.requires_grad_(False)
-    try:
-        with on_device(model.eval(), device):
+    try:  # only the trigger is optimised
+        with frozen_weights(model), on_device(model.eval(), device):
             batch = x.to(device)
             others = (y.to(device)[None, :] != labels.to(device)[:, None]).float()  # [K, B]
             mask_param = mask_param.to(device).requires_grad_(True)
@@ -283,8 +280,6 @@ def reverse_neuron_triggers(
                 best_pattern[active] = (torch.tanh(pattern_param) / 2 + 0.5).detach().cpu()[active]
     finally:
         handle.remove()
-        for p in frozen:
-            p.requires_grad_(True)
     return best_mask, best_pattern, steps
 
 
